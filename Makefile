@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:  make figures  and  make test.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+
+.PHONY: figures test venv tofu-mini bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Pin torch first: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[full,dev,notebooks]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+figures: $(STAMP)
+	$(BIN)/npo-sim figures --out figures
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+tofu-mini: $(STAMP)
+	$(BIN)/npo-tofu study --preset mini --out runs/tofu-mini --figures figures
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

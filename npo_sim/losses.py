@@ -1,0 +1,300 @@
+"""Every unlearning objective, defined once, as pure functions of per-example tensors.
+
+No function here calls a model. A *setting* (logistic model, Markov chain, 7B LM) is whatever turns
+parameters into the tensors below; the losses are pure math over them.
+
+Conventions
+-----------
+* ``logp`` is a per-example log-likelihood ``log π_θ(y|x)`` (for sequences: the *summed* token
+  log-probability; the adapter chooses the reduction and documents it).
+* All per-example losses reduce with a mean over the **last** axis. Leading axes are independent
+  replicas (e.g. a grid of configs trained in one batched tensor program): for a 1-D input the result
+  is a scalar, for a ``(G, n)`` input it is ``(G,)``. Summing those and calling ``backward`` gives
+  every replica its own gradient.
+* Hyperparameters (``beta``, ``gamma``) may be floats or tensors broadcastable to the replica axes.
+* Every forget term is written so that **minimising** it unlearns.
+
+Known differences between published implementations, and what we chose:
+
+* DPO is scaled by ``2/β`` (as in the official NPO code, so DPO without its winner term is NPO up to
+  a constant); the NPO paper's equation uses ``1/β``. :data:`DPO_SCALE` names the choice.
+* SimNPO's margin ``γ`` enters as ``γ`` (the paper's equation); the official code uses ``β·γ``.
+  Irrelevant for the default ``γ = 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DPO_SCALE = "2/beta"
+
+__all__ = [
+    "ga", "npo", "npo_weight", "simnpo", "dpo", "nll", "kl",
+    "Objective", "LossTerms", "OBJECTIVES", "FORGET_TERMS", "RETAIN_TERMS", "get_objective",
+    "INPUT_KEYS", "DPO_SCALE",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# hyperparameter helpers
+# --------------------------------------------------------------------------------------------------
+def _positive(name: str, value: float | Tensor) -> None:
+    if isinstance(value, Tensor):
+        ok = bool(torch.isfinite(value).all()) and bool((value > 0).all())
+    else:
+        ok = math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def _per_replica(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """Broadcast a per-replica hyperparameter of shape ``like.shape[:-1]`` against ``like``."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.ndim == like.ndim - 1:
+        return value.to(like).unsqueeze(-1)
+    if isinstance(value, Tensor):
+        return value.to(like)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# the losses
+# --------------------------------------------------------------------------------------------------
+def ga(logp: Tensor) -> Tensor:
+    """Gradient-ascent forget term ``mean(log π_θ(y|x))``. Minimising it drives the likelihood down."""
+    return logp.mean(-1)
+
+
+def nll(logp: Tensor) -> Tensor:
+    """Retain term: negative log-likelihood ``−mean(log π_θ(y|x))``."""
+    return -logp.mean(-1)
+
+
+def npo(logp: Tensor, logp_ref: Tensor, beta: float | Tensor) -> Tensor:
+    """NPO loss ``(2/β)·mean(log(1 + (π_θ/π_ref)^β))``.
+
+    Computed as ``(2/β)·softplus(β(logp − logp_ref))``, which is finite for any finite log-ratio
+    (softplus switches to the identity for large arguments). Equivalent to the official code's
+    ``−(2/β)·logsigmoid(−β(logp − logp_ref))``. The per-example gradient is ``W·∇logp`` with
+    ``W = npo_weight(...)`` (NPO paper, eq. 3).
+    """
+    _positive("beta", beta)
+    b = _per_replica(beta, logp)
+    return (2.0 / b * F.softplus(b * (logp - logp_ref))).mean(-1)
+
+
+def npo_weight(logp: Tensor, logp_ref: Tensor, beta: float | Tensor) -> Tensor:
+    """Per-example NPO gradient weight ``W = 2π_θ^β/(π_θ^β + π_ref^β) = 2σ(β(logp − logp_ref))``.
+
+    ``W ∈ (0, 2)``, ``W = 1`` at ``θ = ref``, and ``W → 1`` as ``β → 0`` (GA's weight up to scale).
+    Not reduced: one weight per example.
+    """
+    _positive("beta", beta)
+    b = _per_replica(beta, logp)
+    return 2.0 * torch.sigmoid(b * (logp - logp_ref))
+
+
+def simnpo(logp: Tensor, length: Tensor, beta: float | Tensor, gamma: float | Tensor = 0.0) -> Tensor:
+    """SimNPO loss ``−(2/β)·mean(log σ(−(β/|y|)·logp − γ))`` (Fan et al., 2024).
+
+    Reference-free and length-normalised: ``length`` is ``|y|``, the number of tokens in ``y``.
+    """
+    _positive("beta", beta)
+    if isinstance(length, Tensor) and bool((length <= 0).any()):
+        raise ValueError("simnpo: every length must be > 0")
+    b = _per_replica(beta, logp)
+    g = _per_replica(gamma, logp)
+    return (-2.0 / b * F.logsigmoid(-b / length * logp - g)).mean(-1)
+
+
+def dpo(logp_win: Tensor, logp_lose: Tensor, logp_ref_win: Tensor, logp_ref_lose: Tensor,
+        beta: float | Tensor) -> Tensor:
+    """DPO loss ``−(2/β)·mean(log σ(β[(logp_w − logp_ref_w) − (logp_l − logp_ref_l)]))``.
+
+    For unlearning the forget answer is the loser and an IDK answer the winner. Scaled by ``2/β``
+    (see :data:`DPO_SCALE`); dropping the winner term recovers :func:`npo` up to a constant.
+    """
+    _positive("beta", beta)
+    b = _per_replica(beta, logp_win)
+    margin = (logp_win - logp_ref_win) - (logp_lose - logp_ref_lose)
+    return (-2.0 / b * F.logsigmoid(b * margin)).mean(-1)
+
+
+def kl(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None, batch_dims: int = 0) -> Tensor:
+    """``KL(π_ref ‖ π_θ)`` per position, averaged over the unmasked positions.
+
+    ``logits`` and ``ref_logits`` have the class/vocabulary axis last: ``(B, K)`` class logits or
+    ``(B, T, V)`` token logits. ``mask`` (shape ``logits.shape[:-1]``) selects positions. The first
+    ``batch_dims`` axes are kept as independent replicas (default: average over everything).
+    """
+    if logits.shape != ref_logits.shape:
+        raise ValueError(f"kl: logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ")
+    logq = F.log_softmax(logits, dim=-1)
+    logp_ref = F.log_softmax(ref_logits, dim=-1)
+    per_pos = (logp_ref.exp() * (logp_ref - logq)).sum(-1)
+    dims = tuple(range(batch_dims, per_pos.ndim))
+    if mask is None:
+        return per_pos.mean(dim=dims) if dims else per_pos
+    m = mask.to(per_pos.dtype)
+    if m.shape != per_pos.shape:
+        raise ValueError(f"kl: mask shape {tuple(m.shape)} must be {tuple(per_pos.shape)}")
+    return (per_pos * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# composed objectives
+# --------------------------------------------------------------------------------------------------
+#: Every tensor an objective may ask for. A training loop computes exactly ``objective.needs``.
+INPUT_KEYS = {
+    "logp": "per-example forget log-likelihood under π_θ",
+    "logp_ref": "per-example forget log-likelihood under π_ref (cacheable before training)",
+    "length": "per-example forget answer length |y| in tokens",
+    "idk_logp": "per-example log-likelihood of an IDK answer to the forget question under π_θ",
+    "idk_logp_ref": "the same under π_ref",
+    "retain_logp": "per-example retain log-likelihood under π_θ",
+    "retain_logits": "retain logits under π_θ, class/vocab axis last",
+    "retain_ref_logits": "retain logits under π_ref",
+    "retain_mask": "optional mask over retain_logits positions",
+}
+
+
+@dataclass(frozen=True)
+class _Term:
+    fn: Callable[[Mapping[str, Tensor], "Objective"], Tensor]
+    needs: frozenset[str]
+    description: str
+
+
+FORGET_TERMS: dict[str, _Term] = {
+    "ga": _Term(lambda x, o: ga(x["logp"]), frozenset({"logp"}), "gradient ascent"),
+    "npo": _Term(lambda x, o: npo(x["logp"], x["logp_ref"], o.beta),
+                 frozenset({"logp", "logp_ref"}), "negative preference optimization"),
+    "simnpo": _Term(lambda x, o: simnpo(x["logp"], x["length"], o.beta, o.gamma),
+                    frozenset({"logp", "length"}), "SimNPO (reference-free, length-normalised)"),
+    "idk": _Term(lambda x, o: nll(x["idk_logp"]), frozenset({"idk_logp"}),
+                 "fit 'I don't know' answers on forget questions"),
+    "dpo": _Term(lambda x, o: dpo(x["idk_logp"], x["logp"], x["idk_logp_ref"], x["logp_ref"], o.beta),
+                 frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref"}),
+                 "DPO with the IDK answer as winner and the forget answer as loser"),
+}
+
+def _replica_dims(x: Mapping[str, Tensor]) -> int:
+    """Leading replica axes, read off a per-example tensor of shape ``(*replicas, n)``."""
+    for key in ("logp", "idk_logp", "retain_logp"):
+        if key in x:
+            return x[key].ndim - 1
+    return 0
+
+
+RETAIN_TERMS: dict[str, _Term] = {
+    "nll": _Term(lambda x, o: nll(x["retain_logp"]), frozenset({"retain_logp"}), "retain NLL"),
+    "kl": _Term(lambda x, o: kl(x["retain_logits"], x["retain_ref_logits"], x.get("retain_mask"),
+                                batch_dims=_replica_dims(x)),
+                frozenset({"retain_logits", "retain_ref_logits"}), "KL(π_ref ‖ π_θ) on retain data"),
+}
+
+
+class LossTerms(NamedTuple):
+    loss: Tensor     #: forget + retain_weight · retain (what is minimised)
+    forget: Tensor   #: the forget term
+    retain: Tensor   #: the (unweighted) sum of retain terms; 0 when there are none
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A forget term plus optional weighted retain terms, with its hyperparameters.
+
+    ``objective(inputs)`` takes a mapping holding (at least) the keys in :attr:`needs` and returns
+    :class:`LossTerms`. Use :func:`get_objective` (or ``dataclasses.replace``) to change
+    hyperparameters; they are validated on construction.
+    """
+
+    name: str
+    forget: str
+    retain: tuple[str, ...] = ()
+    beta: float | Tensor = 0.1   # a tensor gives one β per replica (batched grids)
+    gamma: float = 0.0
+    retain_weight: float = 1.0
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.forget not in FORGET_TERMS:
+            raise ValueError(f"unknown forget term {self.forget!r}; choose from {sorted(FORGET_TERMS)}")
+        for r in self.retain:
+            if r not in RETAIN_TERMS:
+                raise ValueError(f"unknown retain term {r!r}; choose from {sorted(RETAIN_TERMS)}")
+        _positive("beta", self.beta)
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"gamma must be finite and >= 0, got {self.gamma!r}")
+        if not (math.isfinite(self.retain_weight) and self.retain_weight >= 0):
+            raise ValueError(f"retain_weight must be finite and >= 0, got {self.retain_weight!r}")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The input tensors this objective reads (see :data:`INPUT_KEYS`)."""
+        out = set(FORGET_TERMS[self.forget].needs)
+        for r in self.retain:
+            out |= RETAIN_TERMS[r].needs
+        return frozenset(out)
+
+    @property
+    def uses_reference(self) -> bool:
+        return bool(self.needs & {"logp_ref", "idk_logp_ref", "retain_ref_logits"})
+
+    @property
+    def needs_ref_logits(self) -> bool:
+        """True when a frozen reference *model* is needed (per-example log-probs cannot be cached)."""
+        return "retain_ref_logits" in self.needs
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> LossTerms:
+        missing = self.needs - set(inputs)
+        if missing:
+            raise KeyError(f"objective {self.name!r} needs inputs {sorted(missing)}")
+        f = FORGET_TERMS[self.forget].fn(inputs, self)
+        r = sum((RETAIN_TERMS[t].fn(inputs, self) for t in self.retain), torch.zeros_like(f))
+        return LossTerms(f + self.retain_weight * r, f, r)
+
+
+def _obj(name: str, forget: str, *retain: str, **hp) -> tuple[str, Objective]:
+    desc = FORGET_TERMS[forget].description + "".join(f" + {RETAIN_TERMS[r].description}" for r in retain)
+    return name, Objective(name, forget, tuple(retain), description=desc, **hp)
+
+
+#: The registry. Pick objectives by name; never branch on names.
+OBJECTIVES: dict[str, Objective] = dict([
+    _obj("ga", "ga"),
+    _obj("ga_rt", "ga", "nll"),
+    _obj("ga_kl", "ga", "kl"),
+    _obj("idk_rt", "idk", "nll"),
+    _obj("dpo", "dpo"),
+    _obj("dpo_rt", "dpo", "nll"),
+    _obj("dpo_kl", "dpo", "kl"),
+    _obj("npo", "npo"),
+    _obj("npo_rt", "npo", "nll"),
+    _obj("npo_kl", "npo", "kl"),
+    _obj("simnpo", "simnpo", beta=2.5),
+    _obj("simnpo_rt", "simnpo", "nll", beta=2.5),
+])
+
+
+def get_objective(name: str, **hyperparameters) -> Objective:
+    """The registered objective ``name``, with any of ``beta``, ``gamma``, ``retain_weight`` replaced.
+
+    ``None`` values keep the registered default. Raises ``ValueError`` for unknown names or invalid
+    hyperparameters, listing the valid choices.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(OBJECTIVES))}")
+    allowed = {"beta", "gamma", "retain_weight"}
+    bad = set(hyperparameters) - allowed
+    if bad:
+        raise ValueError(f"unknown hyperparameters {sorted(bad)}; allowed: {sorted(allowed)}")
+    hp = {k: (v if isinstance(v, Tensor) else float(v)) for k, v in hyperparameters.items() if v is not None}
+    return dataclasses.replace(OBJECTIVES[name], **hp)
