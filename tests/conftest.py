@@ -1,0 +1,40 @@
+"""Shared fixtures. TOFU data is read from ../shared/tofu (or $NPO_TOFU_DIR), never copied here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tofu_root() -> Path:
+    env = os.environ.get("NPO_TOFU_DIR")
+    data = Path(env) if env else REPO.parent / "shared" / "tofu" / "data"
+    return data
+
+
+@pytest.fixture(scope="session")
+def tofu_data_dir() -> Path:
+    d = _tofu_root()
+    if not (d / "full.json").exists():
+        pytest.fail(f"TOFU data not found at {d}: put ../shared/tofu beside the repo or set NPO_TOFU_DIR")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tofu_reference_logs(tofu_data_dir) -> Path:
+    d = tofu_data_dir.parent / "reference_logs"
+    if not d.is_dir():
+        pytest.fail(f"TOFU reference logs not found at {d}")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # 2-core machines: oversubscription slows everything 4-8x
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
