@@ -41,6 +41,11 @@ class Adapter(Protocol):
     def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Named quantities to record, each a tensor of shape ``(*replicas,)`` (or a scalar)."""
 
+    # Optional minibatch hook (not part of the Protocol, so existing adapters need nothing):
+    #   select(step: int, ref: dict[str, Tensor]) -> dict[str, Tensor]
+    # is called at the start of every step; the adapter picks that step's minibatch for its
+    # following ``inputs`` calls and returns the cached reference tensors restricted to it.
+
 
 def reference_inputs(adapter: Adapter, objective: Objective, params_ref: Sequence[Tensor]) -> dict[str, Tensor]:
     """The objective's reference tensors, computed once at ``params_ref`` without gradients."""
@@ -49,7 +54,8 @@ def reference_inputs(adapter: Adapter, objective: Objective, params_ref: Sequenc
         return {}
     with torch.no_grad():
         got = adapter.inputs([p.detach() for p in params_ref], frozenset(wanted))
-    return {REFERENCE_OF[k]: v.detach() for k, v in got.items()}
+    # an adapter may return companions (e.g. ``retain_mask`` with ``retain_logits``): keep only references
+    return {REFERENCE_OF[k]: v.detach() for k, v in got.items() if k in wanted}
 
 
 def log_steps(total: int, n: int = 60, include_zero: bool = True) -> list[int]:
@@ -78,10 +84,12 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
     needs_theta = frozenset(objective.needs - set(ref))
     record = set(int(s) for s in record_at)
     opt = optimizer(params) if optimizer is not None else None
+    select = getattr(adapter, "select", None)  # optional minibatch hook (see Adapter)
     rows: dict[str, list] = {}
 
-    def _terms():
-        inputs: Mapping[str, Tensor] = {**adapter.inputs(params, needs_theta), **ref}
+    def _terms(step: int):
+        ref_now = select(step, ref) if select is not None else ref
+        inputs: Mapping[str, Tensor] = {**adapter.inputs(params, needs_theta), **ref_now}
         return objective(inputs), inputs
 
     def _record(step: int, terms, inputs) -> None:
@@ -99,7 +107,7 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
             rows.setdefault(k, []).extend(v.expand(shape).reshape(-1).double().cpu().tolist())
 
     for step in range(steps + 1):
-        terms, inputs = _terms()
+        terms, inputs = _terms(step)
         if step in record:
             _record(step, terms, inputs)
         if step == steps:
