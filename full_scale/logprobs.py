@@ -1,0 +1,72 @@
+"""Per-example sequence log-likelihoods from a causal LM batch (the adapter between models and losses).
+
+``sequence_logprobs`` returns, per example, the **sum** of ``log π(token)`` over the answer tokens
+(labels != -100) and their count. NPO, DPO and SimNPO use the summed log-likelihood (SimNPO divides
+by the count itself); the per-token mean is ``sum / count``. Shift by one: the logit at position
+``t`` predicts token ``t + 1``. Position ids are derived from the attention mask, so right- and
+left-padded batches give the same numbers. Log-softmax is taken in fp32 even for bf16 models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import IGNORE_INDEX
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over the attended tokens of each row (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(B, T, V)`` logits with padding-consistent position ids."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.logits
+
+
+def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits[:, :-1], targets, mask)``: aligned predictions, targets and answer mask ``(B, T-1)``."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return logits[:, :-1], targets, mask
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum of answer-token log-probs, answer token count)``, each ``(B,)``, from ``(B, T, V)`` logits."""
+    lg, targets, mask = shifted(logits, labels)
+    tok = -F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), targets.reshape(-1).clamp_min(0),
+                           reduction="none").view(targets.shape)
+    tok = tok * mask
+    return tok.sum(-1), mask.sum(-1)
+
+
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example summed answer log-likelihood ``(B,)`` and answer token count ``(B,)``."""
+    return logprobs_from_logits(forward_logits(model, input_ids, attention_mask), labels)
+
+
+def token_logits(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward for the KL terms: ``(logp_sum, count, answer_logits (B, T-1, V), answer_mask (B, T-1))``.
+
+    ``answer_logits`` are the shifted logits whose targets are answer tokens (masked by
+    ``answer_mask``), i.e. what :func:`npo_sim.losses.kl` takes as ``logits`` / ``mask``.
+    """
+    logits = forward_logits(model, input_ids, attention_mask)
+    lp, n = logprobs_from_logits(logits, labels)
+    lg, _, mask = shifted(logits, labels)
+    return lp, n, lg, mask
+
+
+@torch.no_grad()
+def batched_sequence_logprobs(model, batches) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_logprobs` over an iterable of padded batches (no grad), concatenated on CPU."""
+    sums, counts = [], []
+    for b in batches:
+        s, c = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
+        sums.append(s.float().cpu())
+        counts.append(c.cpu())
+    return torch.cat(sums), torch.cat(counts)
