@@ -548,9 +548,17 @@ def analyze(traj: pd.DataFrame, shifts: pd.DataFrame, cfg: TheoryConfig) -> tupl
             if w.any():
                 decades.append({"t_from": 10 ** (k - 1) if k > 1 else 1, "t_to": 10 ** k,
                                 "C_a": float(C[w].min()), "C_b": float(C[w].max())})
+        tp = t[pos]
+        drift = []                     # per-sample change of log C(t) over each decade ending at T
+        for k in (2, 1):
+            i0 = int(np.argmin(np.abs(np.log(tp / (tp[-1] / 10 ** k)))))
+            i1 = int(np.argmin(np.abs(np.log(tp / (tp[-1] / 10 ** (k - 1))))))
+            drift.append({"t_from": float(tp[i0]), "t_to": float(tp[i1]),
+                          "max_abs_log_change": float(np.abs(np.log(C[i1] / C[i0])).max())})
         summary["envelope"] = {"C_a": C_a, "C_b": C_b, "ratio": C_b / C_a, "beta": npo.beta, "eta0": npo.eta0,
                                "by_decade": decades,
-                               "last_decade_ratio": decades[-1]["C_b"] / decades[-1]["C_a"]}
+                               "last_decade_ratio": decades[-1]["C_b"] / decades[-1]["C_a"],
+                               "per_sample_drift": drift}
         lo, hi = theory.npo_envelope(t, npo.eta0, npo.beta, C_a, C_b)
         overlays += [_ov("npo_envelope_lo", npo.config_id, -1, t, lo), _ov("npo_envelope_hi", npo.config_id, -1, t, hi)]
         sub = t[pos][:: max(1, int(pos.sum()) // 30)]
