@@ -104,6 +104,14 @@ def guess_format(name_or_path: str, tokenizer) -> str:
     return "plain"
 
 
+def resolve_checkpoint(name_or_path) -> str | Path:
+    """A run directory (``npo-tofu finetune/unlearn --out DIR``) stands for its final ``DIR/model``."""
+    p = Path(name_or_path) / "model"
+    if (p / "config.json").is_file() and (p / META_FILE).is_file():
+        return p
+    return name_or_path
+
+
 def default_dtype(device) -> torch.dtype:
     dev = torch.device(device) if device is not None else None
     return torch.bfloat16 if dev is not None and dev.type == "cuda" else torch.float32
@@ -128,6 +136,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, see
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        name = str(resolve_checkpoint(name))
         looks_local = os.sep in name or name.startswith(".") or Path(name).exists()
         if looks_local and not Path(name).is_dir():
             raise UserError(f"model directory not found: {name}")
