@@ -1,0 +1,221 @@
+"""TOFU evaluation of a real (tiny) model: batched NLL and generation against one-at-a-time oracles,
+the written log reloading through ``aggregate``, the per-epoch curve, and bad input."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from full_scale import cli
+from full_scale import evaluate as E
+from full_scale.data import encode_answer, encode_prompt, encode_qa, pad_batch
+from full_scale.models import load_model, save_checkpoint
+
+DS = 4  # questions per eval set in these tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_module():
+    # tiny matmuls: 1 thread is as fast on an idle machine and 10x faster than 2 on a busy 2-core one
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # runs after conftest's per-test thread setting
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tofu_data_dir):
+    """tiny-llama 1M that has memorised the first DS questions of every mini-forget10 eval set (so greedy
+    answers are real sentences that end in EOS at different lengths)."""
+    torch.manual_seed(0)
+    model, tok, fmt = load_model("tiny-llama:1m", device="cpu", data_dir=tofu_data_dir)
+    sets, _, _ = E.eval_sets("mini-forget10", tofu_data_dir, DS)
+    items = [it for v in sets.values() for it in v]
+    batch = pad_batch([encode_qa(tok, it.question, it.answer, fmt) for it in items], tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.0
+    model.eval()
+    return model, tok, fmt, sets
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny, tmp_path_factory):
+    model, tok, fmt, _ = tiny
+    out = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(model, tok, out, {"prompt_format": fmt})
+    return out
+
+
+def _nll_one(model, tok, fmt, q, a):
+    """Oracle: one unpadded sequence, log-softmax over the full logits, answer tokens gathered by hand."""
+    p = encode_prompt(tok, q, fmt)
+    ans = encode_answer(tok, a, fmt)
+    ids = torch.tensor([p + ans])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    picked = [logp[len(p) - 1 + j, t].item() for j, t in enumerate(ans)]
+    return -sum(picked), len(ans)
+
+
+def test_batched_nll_equals_per_sample_unpadded(tiny):
+    model, tok, fmt, sets = tiny
+    pairs = []
+    for items in sets.values():
+        for it in items[:2]:
+            pairs += [(it.question, it.answer), (it.question, it.base), (it.question, it.perturbed[0])]
+    assert len({len(encode_qa(tok, q, a, fmt)["input_ids"]) for q, a in pairs}) > 5  # real padding happens
+    loss, count = E.answer_nll(model, tok, fmt, pairs, batch_size=5)
+    for (q, a), lo, n in zip(pairs, loss, count):
+        ref_loss, ref_n = _nll_one(model, tok, fmt, q, a)
+        assert n == ref_n
+        assert lo / n == pytest.approx(ref_loss / ref_n, abs=1e-5)
+        assert lo == pytest.approx(ref_loss, rel=1e-5)
+
+
+def _greedy_one(model, tok, fmt, q, max_new):
+    """Oracle: greedy decoding by repeated full forwards (no cache, no padding, no generate())."""
+    ids = encode_prompt(tok, q, fmt)
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_batched_left_padded_generation_equals_unbatched(tiny):
+    model, tok, fmt, sets = tiny
+    questions = [it.question for items in sets.values() for it in items]
+    answers = [it.answer for items in sets.values() for it in items]
+    one = E.greedy_generate(model, tok, fmt, questions, batch_size=1, max_new_tokens=24)
+    many = E.greedy_generate(model, tok, fmt, questions, batch_size=6, max_new_tokens=24)
+    assert many == one
+    assert len({len(encode_prompt(tok, q, fmt)) for q in questions}) > 3  # prompts really get left-padded
+    lengths = {len(tok(g)["input_ids"]) for g in one}
+    assert len(lengths) > 3 and min(lengths) < 24  # EOS reached at different steps inside a batch
+    for q, g in list(zip(questions, one))[::4]:
+        assert g == _greedy_one(model, tok, fmt, q, 24)
+    # the memorised answers come back (ROUGE-L recall 1 on most of them)
+    r1, rl = E.rouge_recall(one, answers)
+    assert np.mean(np.array(rl) > 0.99) > 0.5
+
+
+def test_rouge_recall_with_stemming():
+    r1, rl = E.rouge_recall(["the cats were running home", "nothing here"], ["cat runs home", "a b"])
+    assert rl[0] == pytest.approx(1.0)  # cats->cat, running/runs->run: LCS covers the whole target
+    assert rl[1] == 0.0 and r1[1] == 0.0
+
+
+def test_eval_cli_writes_tofu_log_that_reloads_through_aggregate(ckpt, tofu_data_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", str(ckpt), "--forget-split", "mini-forget10", "--ds-size", str(DS),
+            "--max-new-tokens", "24", "--batch-size", "3", "--data-dir", str(tofu_data_dir), "--out", str(out)]
+    assert cli.main(argv) == 0
+    log = json.loads((out / "eval_log_aggregated.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(log) == list(E.TASKS)
+    for key, task in log.items():
+        for m in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall", "generated_text"):
+            assert list(task[m]) == [str(i) for i in range(DS)], (key, m)  # TOFU's {index: value} layout
+        for i in task["avg_gt_loss"]:
+            assert task["avg_gt_loss"][i] == pytest.approx(task["gt_loss"][i] / task["num_token_gt"][i])
+            n_pert = len(task["average_perturb_loss"][i])
+            assert n_pert == (5 if key in ("eval_log.json", "eval_log_forget.json") else 3)
+            prompt, _, answer = task["generated_text"][i]
+            assert prompt.startswith("Q: ") and answer
+    ra = log["eval_real_author_wo_options.json"]
+    assert ra["avg_paraphrased_loss"] == ra["avg_gt_loss"]  # base answer = answer
+    assert summary["forget_rouge"] > 0.5  # memorised
+    assert any("tofu-mini" in n for n in summary["notes"])
+    # the log reloads through `aggregate`; against itself FQ = 1, and MU matches the eval summary
+    capsys.readouterr()
+    assert cli.main(["aggregate", "--ckpt-log", str(out / "eval_log_aggregated.json"), "--retain-log", str(out)]) == 0
+    agg = json.loads(capsys.readouterr().out)
+    assert agg["forget_quality"] == 1.0
+    for k in ("model_utility", *E.UTILITY_KEYS, *E.FORGET_KEYS):
+        assert agg[k] == pytest.approx(summary[k], rel=1e-12)
+    # and the TOFU per-sample numbers equal the one-at-a-time oracle
+    model, tok, fmt = load_model(str(ckpt), device="cpu")
+    it = E.eval_sets("mini-forget10", tofu_data_dir, DS)[0]["eval_log_forget.json"][1]
+    assert log["eval_log_forget.json"]["avg_paraphrased_loss"]["1"] == pytest.approx(
+        np.divide(*_nll_one(model, tok, fmt, it.question, it.base)), abs=1e-5)
+    # with a retain log, summary.json carries FQ
+    out2 = tmp_path / "ev2"
+    argv2 = argv[:-1] + [str(out2), "--retain-log", str(out / "eval_log_aggregated.json")]
+    assert cli.main(argv2) == 0
+    assert json.loads((out2 / "summary.json").read_text())["forget_quality"] == 1.0
+
+
+def test_forget_splits_without_perturbed_file_say_so(tofu_data_dir):
+    sets, sources, notes = E.eval_sets("forget50", tofu_data_dir, 300)
+    assert sources["eval_log_forget.json"] == "forget10_perturbed" and "forget10_perturbed" in notes[0]
+    assert [len(v) for v in sets.values()] == [300, 100, 117, 300]
+    sets, sources, notes = E.eval_sets("forget05", tofu_data_dir, 300)
+    assert sources["eval_log_forget.json"] == "forget05_perturbed" and notes == []
+    assert len(sets["eval_log_forget.json"]) == 200
+    for name, n_forget in (("mini-forget10", 40), ("mini-forget20", 80), ("mini-forget50", 200)):
+        sets, _, _ = E.eval_sets(name, tofu_data_dir, 300)
+        assert len(sets["eval_log_forget.json"]) == n_forget
+        assert not {i.question for i in sets["eval_log_forget.json"]} & {i.question for i in sets["eval_log.json"]}
+
+
+def test_bad_eval_input_fails_before_writing(ckpt, tofu_data_dir, tmp_path, capsys):
+    base = ["eval", "--model", str(ckpt), "--data-dir", str(tofu_data_dir), "--ds-size", "2"]
+    cases = [
+        (["--forget-split", "forget42"], "unknown forget split"),
+        (["--forget-split", "forget10", "--retain-log", str(tmp_path / "none.json")], "not found"),
+        (["--forget-split", "forget10", "--batch-size", "0"], "--batch-size"),
+    ]
+    for extra, msg in cases:
+        out = tmp_path / "o"
+        assert cli.main(base + extra + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+        assert not out.exists()
+
+
+def test_evaluate_epoch_grows_the_curve(tiny, tofu_data_dir, tmp_path):
+    model, tok, fmt, _ = tiny
+    retain = tmp_path / "retain_log.json"
+    log, _ = E.run_eval(model, tok, fmt, "mini-forget10", data_dir=tofu_data_dir, ds_size=DS, max_new_tokens=8)
+    retain.write_text(json.dumps(log))
+    args = SimpleNamespace(forget="forget10", preset="mini", retain_log=str(retain), data_dir=str(tofu_data_dir),
+                           eval_ds_size=DS, eval_batch_size=4, eval_max_new_tokens=8)
+    E.check_epoch_eval_args(args)
+    run = tmp_path / "run"
+    rows = [E.evaluate_epoch(model, tok, fmt, run, ep, args) for ep in (1, 2)]
+    assert rows[0]["forget_quality"] == 1.0  # same model, same eval -> same truth ratios as the retain log
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)  # a different model at epoch 2 (restored below)
+    try:
+        again = E.evaluate_epoch(model, tok, fmt, run, 2, args)  # a resumed run re-evaluates epoch 2
+    finally:
+        model.load_state_dict(saved)
+    curve = pd.read_csv(run / "eval_curve.csv")
+    assert list(curve.columns) == list(E.CURVE_COLUMNS)
+    assert curve["epoch"].tolist() == [1, 2]
+    assert curve.loc[1, "model_utility"] == pytest.approx(again["model_utility"])
+    assert curve.loc[0, "model_utility"] == pytest.approx(rows[0]["model_utility"])
+    assert (run / "eval" / "epoch_002" / "eval_log_aggregated.json").is_file()
+    assert not model.training
+    with pytest.raises(E.UserError, match="--retain-log"):
+        E.check_epoch_eval_args(SimpleNamespace(**{**vars(args), "retain_log": None}))
