@@ -6,11 +6,11 @@ orthogonal ``x_i``, ``‖x_i‖ ∈ [b_x, B_x]``, ``‖θ_init‖ <= B_θ``; ful
 margin of sample ``i`` is ``m_i = ⟨a_i, θ⟩`` and ``log π_θ(s_i|x_i) = log σ(m_i)``.
 
 **Exact reduction.** Every gradient of a loss of the margins lies in ``span{a_i}``, so gradient descent
-never leaves ``θ_init + span{a_i}``. With an orthonormal basis ``Q`` of that span (``A = R^T Q^T`` from
-a QR of ``A^T``), ``θ_t = θ_init + Q z_t`` and gradient descent on ``z`` *is* gradient descent on θ
+never leaves ``θ_init + span{a_i}``. With an orthonormal basis ``Q`` of that span (``A = L Q^T`` with ``L`` the
+Cholesky factor of the Gram matrix ``A A^T``), ``θ_t = θ_init + Q z_t`` and gradient descent on ``z`` *is* gradient descent on θ
 (``Q`` is an isometry). So the adapter's parameters are ``z = Q^T(θ − θ_init)`` (``k = min(n_f, d)``
 numbers per config) and ``d`` only enters through the Gram matrix. ``‖θ_t − θ_init‖₂ = ‖z‖`` and
-``‖θ_t − θ_init‖_{XᵀX} = ‖A(θ_t − θ_init)‖ = ‖b‖`` with logit shifts ``b = R^T z``. The test suite
+``‖θ_t − θ_init‖_{XᵀX} = ‖A(θ_t − θ_init)‖ = ‖b‖`` with logit shifts ``b = L z``. The test suite
 checks the reduction against gradient descent on the full ``d``-dimensional θ.
 
 **Batching.** A grid of configs runs as one tensor program per method through
@@ -48,6 +48,13 @@ METHODS = tuple(name for name, obj in OBJECTIVES.items() if not obj.retain)
 _BETA_FREE = frozenset({"ga"})
 INITS = ("margins", "random", "retain")
 DTYPE = torch.float64
+
+
+#: exact single-sample gradient flows (theory.py) that a simulated n_f = 1 run is checked against
+FLOW_ORACLES = {
+    "ga": lambda t, m0, c, eta, beta: theory.ga_flow_margin(t, m0, c, eta),
+    "npo": lambda t, m0, c, eta, beta: theory.npo_flow_margin(t, m0, c, eta, beta),
+}
 
 
 def uses_beta(method: str) -> bool:
@@ -178,6 +185,17 @@ def _fit_retain(Xr: np.ndarray, yr: np.ndarray, ridge: float) -> np.ndarray:
     return res.x
 
 
+def _reduce(A: np.ndarray) -> np.ndarray:
+    """``B`` (n × k, k = rank) with ``A = B Q^T`` for an orthonormal ``Q``: the Cholesky factor of the
+    Gram matrix when ``A`` has full row rank, else ``R^T`` from a QR of ``A^T``."""
+    if A.shape[0] <= A.shape[1]:
+        try:
+            return np.linalg.cholesky(A @ A.T)
+        except np.linalg.LinAlgError:
+            pass
+    return np.linalg.qr(A.T)[1].T.copy()
+
+
 def make_data(n_f: int, d: int, seed: int, cfg: TheoryConfig, keep_features: bool = False) -> ForgetData:
     """Draw forget features and θ_init, seeded by ``(cfg.seed, n_f, d, seed)``; label = θ_init's prediction.
 
@@ -198,12 +216,13 @@ def make_data(n_f: int, d: int, seed: int, cfg: TheoryConfig, keep_features: boo
         s = rng.choice([-1.0, 1.0], n_f)
         target = rng.uniform(cfg.margin_min, cfg.margin_max, n_f)
         A = s[:, None] * X
-        theta_min = np.linalg.lstsq(A, target, rcond=None)[0]
+        G = A @ A.T
+        theta_min = A.T @ np.linalg.solve(G, target)            # min-norm θ with A θ = target
         if np.linalg.norm(theta_min) > cfg.theta_norm:
             raise UserError(f"theta_norm={cfg.theta_norm} is too small for the requested margins "
                             f"(needs >= {np.linalg.norm(theta_min):.2f} at n_f={n_f}, d={d})")
         v = rng.standard_normal(d)
-        v -= np.linalg.lstsq(A, A @ v, rcond=None)[0]          # project out span{a_i}
+        v -= A.T @ np.linalg.solve(G, A @ v)                    # project out span{a_i}
         nv = np.linalg.norm(v)
         extra = math.sqrt(max(cfg.theta_norm ** 2 - theta_min @ theta_min, 0.0))
         theta = theta_min + (extra / nv * v if nv > 0 else 0.0)
@@ -222,14 +241,13 @@ def make_data(n_f: int, d: int, seed: int, cfg: TheoryConfig, keep_features: boo
     raw = X @ theta
     s = np.where(raw >= 0, 1.0, -1.0)
     A = s[:, None] * X
-    _, R = np.linalg.qr(A.T)                                    # A^T = Q R  =>  A = R^T Q^T
     gram = X @ X.T
     off = np.abs(gram - np.diag(np.diag(gram)))
     C0 = float(n_f * off.max()) if n_f > 1 else 0.0
     if cfg.check_orthogonality and C0 > cfg.max_c0:
         raise UserError(f"near-orthogonality check failed: C0 = n_f*max|<x_i,x_j>| = {C0:.2f} > max_c0="
                         f"{cfg.max_c0} at n_f={n_f}, d={d} (increase d)")
-    return ForgetData(n_f, d, seed, R.T.copy(), np.abs(raw), np.diag(gram).copy(), C0,
+    return ForgetData(n_f, d, seed, _reduce(A), np.abs(raw), np.diag(gram).copy(), C0,
                       float(np.linalg.norm(theta)), A if keep_features else None)
 
 
@@ -257,7 +275,7 @@ class LogisticAdapter:
         return torch.matmul(z, self.Bt)
 
     def inputs(self, params, keys):
-        m = self.m0 + self.shifts(params[0])
+        m = torch.baddbmm(self.m0, params[0], self.Bt)          # m0 + z @ Bt in one kernel
         return {k: self._inputs[k](m) for k in keys}
 
     def metrics(self, params):
@@ -305,7 +323,8 @@ def expand_grid(cfg: TheoryConfig) -> list[Run]:
                 for beta in cfg.beta_sweep:
                     add(method, beta, cfg.base_eta, cfg.base_n_f, cfg.base_d, seed)
         # single-sample check of the exact gradient flow (n_f = 1, small step so GD ≈ flow)
-        add(method, cfg.base_beta if uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
+        if method in FLOW_ORACLES:
+            add(method, cfg.base_beta if uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
     return runs
 
 
@@ -384,8 +403,24 @@ def _tidy(method: str, runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig
     return pd.concat(traj, ignore_index=True), pd.concat(shifts, ignore_index=True)
 
 
-def simulate(cfg: TheoryConfig, progress=print) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Draw the data and run the whole grid (one batched program per method)."""
+def _group_worker(method, group, data, steps, record):
+    """Run one method's group (in this process or a worker process); returns (raw columns, seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny tensors: extra threads only add synchronisation
+    try:
+        t0 = time.perf_counter()
+        raw = simulate_group(method, group, data, steps, record)
+        return raw, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def simulate(cfg: TheoryConfig, progress=print, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Draw the data and run the whole grid: one batched program per method.
+
+    ``workers > 1`` runs the methods' programs in parallel processes (one core each); results are
+    identical either way.
+    """
     runs = expand_grid(cfg)
     data = {}
     for r in runs:
@@ -393,22 +428,25 @@ def simulate(cfg: TheoryConfig, progress=print) -> tuple[pd.DataFrame, pd.DataFr
         if key not in data:
             data[key] = make_data(*key, cfg)
     record = log_steps(cfg.steps, cfg.record_points)
+    groups = {m: [r for r in runs if r.method == m] for m in cfg.methods}
+    jobs = {m: (m, g, data, cfg.steps, record) for m, g in groups.items()}
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {m: ex.submit(_group_worker, *job) for m, job in jobs.items()}
+            results = {m: f.result() for m, f in futures.items()}
+    else:
+        results = {m: _group_worker(*job) for m, job in jobs.items()}
     trajs, shifts, timing = [], [], {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny tensors: extra threads only add synchronisation
-    try:
-        for method in cfg.methods:
-            group = [r for r in runs if r.method == method]
-            t0 = time.perf_counter()
-            raw = simulate_group(method, group, data, cfg.steps, record)
-            timing[method] = {"configs": len(group), "seconds": time.perf_counter() - t0}
-            if progress:
-                progress(f"  {method}: {len(group)} configs x {cfg.steps} steps in {timing[method]['seconds']:.1f}s")
-            t, s = _tidy(method, group, data, raw, cfg)
-            trajs.append(t)
-            shifts.append(s)
-    finally:
-        torch.set_num_threads(threads)
+    for method, (raw, seconds) in results.items():
+        timing[method] = {"configs": len(groups[method]), "seconds": seconds}
+        if progress:
+            progress(f"  {method}: {len(groups[method])} configs x {cfg.steps} steps in {seconds:.1f}s")
+        t, s = _tidy(method, groups[method], data, raw, cfg)
+        trajs.append(t)
+        shifts.append(s)
     return pd.concat(trajs, ignore_index=True), pd.concat(shifts, ignore_index=True), timing
 
 
@@ -519,6 +557,14 @@ def analyze(traj: pd.DataFrame, shifts: pd.DataFrame, cfg: TheoryConfig) -> tupl
     if ga is not None and npo is not None:
         summary["npo_over_ga_distance_T"] = npo.distance_T / ga.distance_T
 
+    # every method at the base point (β = base_beta where it applies)
+    summary["by_method"] = {}
+    for method in cfg.methods:
+        row = _base(fits, cfg, method, cfg.base_beta if uses_beta(method) else None)
+        if row is not None:
+            summary["by_method"][method] = {k: row[k] for k in ("beta", "linear_slope", "linear_r2", "log_slope",
+                                                                  "log_r2", "distance_T", "in_regime")}
+
     # β sweep at the base point, against GA at the same point (Proposition 1)
     sweep = []
     for beta in sorted(set(cfg.beta_sweep) | set(cfg.betas)):
@@ -603,10 +649,7 @@ def analyze(traj: pd.DataFrame, shifts: pd.DataFrame, cfg: TheoryConfig) -> tupl
         t, b, c, m0 = _sample_matrix(shifts, int(cid))
         pos = np.nonzero(t > 0)[0]
         pos = pos[:: max(1, len(pos) // 15)]
-        if uses_beta(row.method):
-            ref = theory.npo_flow_margin(t[pos], m0[0], c[0], row.eta, row.beta) - m0[0]
-        else:
-            ref = theory.ga_flow_margin(t[pos], m0[0], c[0], row.eta) - m0[0]
+        ref = FLOW_ORACLES[row.method](t[pos], m0[0], c[0], row.eta, row.beta) - m0[0]
         rel = np.abs(b[pos, 0] - ref) / np.abs(ref)
         flow[row.method] = {"eta": row.eta, "beta": row.beta, "m0": float(m0[0]), "c": float(c[0]),
                             "max_rel_err": float(rel.max()), "t_max": float(t[-1])}
@@ -625,7 +668,7 @@ def _ov(curve: str, cid, sample: int, t, values) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # the study
 # --------------------------------------------------------------------------------------------------
-def run_theory(cfg: TheoryConfig, out_dir, figures_dir=None, progress=print) -> dict:
+def run_theory(cfg: TheoryConfig, out_dir, figures_dir=None, progress=print, workers: int = 1) -> dict:
     """Simulate, analyse, and write trajectories.csv, logit_shifts.csv, fits.csv, overlays.csv,
     summary.json and the figures into ``out_dir`` (figures also copied into ``figures_dir`` if given).
 
@@ -633,7 +676,7 @@ def run_theory(cfg: TheoryConfig, out_dir, figures_dir=None, progress=print) -> 
     """
     out = Path(out_dir)
     t0 = time.perf_counter()
-    traj, shifts, timing = simulate(cfg, progress=progress)
+    traj, shifts, timing = simulate(cfg, progress=progress, workers=workers)
     summary, fits, overlays = analyze(traj, shifts, cfg)
     summary["timing"] = {"simulate": timing, "total_seconds": None}
     write_csv(out / "trajectories.csv", traj)
@@ -659,6 +702,10 @@ def format_table(summary: dict) -> str:
         mark = "" if e["in_log_regime"] else " (log regime not reached by T)"
         lines.append(f"{'npo':<8}{e['beta']:>7g}{summary['npo']['eta']:>6g}{summary['npo']['n_f']:>5}  "
                      f"{'D ~ log t':<11}{e['log_slope']:>10.4g}{e['log_r2']:>9.5f}{e['distance_T']:>11.4g}{mark}")
+    for method, e in summary.get("by_method", {}).items():
+        if method not in ("ga", "npo"):
+            lines.append(f"{method:<8}{e['beta']:>7g}{'':>6}{'':>5}  {'D ~ log t':<11}{e['log_slope']:>10.4g}"
+                         f"{e['log_r2']:>9.5f}{e['distance_T']:>11.4g}")
     for key, name in (("ga", "slope_scaling"), ("npo", "log_slope_scaling")):
         s = summary.get(key, {}).get(name, {})
         if "exponent" in s:
@@ -689,6 +736,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-orthogonality", action="store_true",
                    help="error unless every n_f <= d and C0 = n_f*max|<x_i,x_j>| <= --max-c0")
     p.add_argument("--max-c0", type=float, default=None)
+    p.add_argument("--workers", type=int, default=1, help="processes: one method's batched program each (default 1)")
     p.add_argument("--figures", default="figures", help="also copy figures here ('' to skip; default figures/)")
 
 
@@ -708,7 +756,9 @@ def config_from_args(args) -> TheoryConfig:
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    summary = run_theory(cfg, args.out, figures_dir=args.figures or None)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    summary = run_theory(cfg, args.out, figures_dir=args.figures or None, workers=args.workers)
     print(format_table(summary))
     print(f"wrote {args.out}/summary.json, trajectories.csv, figures ({summary['timing']['total_seconds']:.1f}s)")
     return 0
