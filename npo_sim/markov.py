@@ -546,7 +546,9 @@ def _findings_divergence(cfg, curves, summary) -> dict:
     fits = divergence_fits(curves, fit_from)
     windows = {f"from_{w}": divergence_fits(curves, w) for w in sorted({1, fit_from, cfg.steps // 30, cfg.steps // 10})}
     res = {"fits": fits, "fit_range": [fit_from, cfg.steps],
-           "r2_by_window": {w: {m: {k: v["r2"] for k, v in f.items()} for m, f in fw.items()} for w, fw in windows.items()},
+           "r2_by_window": {w: {m: {**{k: v["r2"] for k, v in f.items() if k != "norm_loglog"},
+                                    "norm_loglog_slope": f["norm_loglog"]["slope"]} for m, f in fw.items()}
+                            for w, fw in windows.items()},
            "note": "fits over record steps >= fit_from (default 1% of the run: the laws are asymptotic); "
                    "r2_by_window repeats them from other first steps"}
     parts = []

@@ -22,27 +22,29 @@ def _x(df: pd.DataFrame) -> np.ndarray:
 
 
 def divergence(curves: pd.DataFrame, summary: dict):
-    """‖θ_t−θ_0‖ and forget NLL vs t (log x-axis) for each method, with its fitted law overlaid."""
-    fig, axes = new_figure(ncols=2)
+    """One row per method: ‖θ_t−θ_0‖ and forget NLL vs t (log x-axis), with linear and log fits overlaid."""
     fits = summary["findings"]["fits"]
-    law = {"ga": "linear", "npo": "log"}
-    for ax, q, col, ylab in ((axes[0, 0], "norm", "param_dist", "‖θ_t − θ_0‖"),
-                             (axes[0, 1], "forget_nll", "logp_forget", "forget NLL (−mean summed log-lik)")):
-        for m, df in curves.groupby("method", sort=False):
+    methods = list(dict.fromkeys(curves.method))
+    fig, axes = new_figure(ncols=2, nrows=len(methods), height=2.8)
+    for i, m in enumerate(methods):
+        df = curves[curves.method == m]
+        t = np.geomspace(max(1, df.step[df.step > 0].min()), df.step.max(), 200)
+        for j, (q, col, ylab) in enumerate((("norm", "param_dist", "‖θ_t − θ_0‖"),
+                                            ("forget_nll", "logp_forget", "forget NLL"))):
+            ax = axes[i, j]
             y = df[col].to_numpy(float) * (-1 if q == "forget_nll" else 1)
             ax.plot(_x(df), y, "o", ms=3, color=color(m), label=label(m))
-            t = np.linspace(max(1, df.step.min()), df.step.max(), 200)
-            for kind, ls in (("linear", "-"), ("log", "--")):
+            for kind, ls, ft in (("linear", "-", t), ("log", "--", np.log(t + 1.0))):
                 f = fits[m][f"{q}_{kind}"]
-                ft = t if kind == "linear" else np.log(t + 1.0)
-                lw = 1.4 if law.get(m) == kind else 0.7
-                ax.plot(t, f["slope"] * ft + f["intercept"], ls, lw=lw, color=color(m),
-                        label=f"{label(m)} {kind} fit R²={f['r2']:.3f}")
-        ax.set_xscale("log")
-        ax.set_xlabel("step t")
-        ax.set_ylabel(ylab)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"Markov divergence law ({_cfg(summary, 'model')}): GA linear vs NPO logarithmic?", fontsize=9)
+                ax.plot(t, f["slope"] * ft + f["intercept"], ls, lw=1.0, color="#444444",
+                        label=f"{kind} fit, R²={f['r2']:.3f}")
+            ax.set_xscale("log")
+            ax.set_xlabel("step t")
+            ax.set_ylabel(ylab)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"Markov divergence law ({_cfg(summary, 'model')}): GA linear vs NPO logarithmic? "
+                 f"(fits from step {summary['findings']['fit_range'][0]})", fontsize=9)
+    fig.tight_layout()
     return fig
 
 

@@ -1,0 +1,69 @@
+"""Time the Markov presets; write bench/results/markov.json.
+
+Default (about 2–3 minutes on 2 cores): the three ``--quick`` tabular presets (budget: < 20 s each)
+and the ``--quick`` transformer presets. ``--full`` adds the full tabular presets and the full
+transformer presets (budget: < 5 min each), which takes up to ~15 minutes.
+
+    .venv/bin/python bench/bench_markov.py [--full] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from npo_sim.markov import PRESETS, run_markov
+from npo_sim.runio import write_json
+
+OUT = Path(__file__).resolve().parent / "results" / "markov.json"
+BUDGET_S = {("tabular", True): 20.0, ("transformer", False): 300.0}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="also time the full presets")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs = [(m, True) for m in ("tabular", "transformer")]
+    if args.full:
+        runs += [(m, False) for m in ("tabular", "transformer")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, quick in runs:
+            for preset in PRESETS:
+                w0, c0 = time.perf_counter(), _cpu_s()
+                summary = run_markov(preset, model, quick, out_dir=Path(tmp) / f"{preset}-{model}-{quick}")
+                wall, cpu = time.perf_counter() - w0, _cpu_s() - c0
+                budget = BUDGET_S.get((model, quick))
+                row = {"preset": preset, "model": model, "quick": quick, "wall_s": round(wall, 2),
+                       "cpu_s": round(cpu, 2), "budget_s": budget,
+                       "within_budget": None if budget is None else wall < budget,
+                       "timing_s": {k: round(v, 2) for k, v in summary["timing_s"].items()}}
+                rows.append(row)
+                print(f"{preset:13s} {model:11s} quick={quick!s:5s} wall {wall:7.1f}s cpu {cpu:7.1f}s"
+                      + (f"  (budget {budget:.0f}s)" if budget else ""), flush=True)
+    write_json(OUT, {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                                 "threads": args.threads, "python": sys.version.split()[0]},
+                     "note": "wall time includes data sampling, pretraining, unlearning every method, and "
+                             "writing curves/summary/figure; machine shared with other jobs, so noisy",
+                     "runs": rows})
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
