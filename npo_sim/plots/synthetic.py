@@ -1,0 +1,107 @@
+"""Figures for the §4 mixture experiment, made from a run dir's ``curves.csv`` and ``summary.json``.
+
+* ``synthetic_tradeoff_alpha{α}.png`` — forget distance vs retain distance along each method's
+  trajectory (the paper's Figure-3 style): seed-mean curve, thin per-seed curves, start marked.
+* ``synthetic_distances_alpha{α}.png`` — forget distance, retain distance and ‖θ − θ_retr‖ vs step,
+  seed mean with a ±1 std band.
+* :func:`plot_tradeoff_grid` puts several run dirs (e.g. α = 1 and α = 0) side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..runio import save_figure
+from . import color, label, new_figure
+
+_FLOOR = 1e-6   # log axes: distances are clipped here for display only
+
+
+def _load(run_dir: Path) -> tuple[pd.DataFrame, dict]:
+    run_dir = Path(run_dir)
+    return pd.read_csv(run_dir / "curves.csv"), json.loads((run_dir / "summary.json").read_text())
+
+
+def _methods(curves: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(curves["method"]))
+
+
+def draw_tradeoff(ax, curves: pd.DataFrame, alpha: float, threshold: float | None = None) -> None:
+    for m in _methods(curves):
+        c = curves[curves["method"] == m]
+        for _, g in c.groupby("seed"):
+            ax.plot(g["forget_distance"].clip(lower=_FLOOR), g["retain_distance"].clip(lower=_FLOOR),
+                    color=color(m), lw=0.5, alpha=0.25)
+        mean = c.groupby("step")[["forget_distance", "retain_distance"]].mean()
+        ax.plot(mean["forget_distance"].clip(lower=_FLOOR), mean["retain_distance"].clip(lower=_FLOOR),
+                color=color(m), lw=1.6, label=label(m))
+    start = curves[curves["step"] == curves["step"].min()][["forget_distance", "retain_distance"]].mean()
+    ax.plot([start["forget_distance"]], [start["retain_distance"]], "k*", ms=9, label="start (π_ref)", zorder=5)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.invert_xaxis()   # time runs left to right: forgetting decreases the forget distance
+    ax.set_xlabel("forget distance  E KL(π_retr ‖ π_θ) on forget")
+    ax.set_ylabel("retain distance  E KL(π_retr ‖ π_θ) on retain")
+    ax.set_title(f"trade-off, α = {alpha:g}")
+
+
+def draw_vs_step(axes, curves: pd.DataFrame, threshold: float | None = None) -> None:
+    panels = [("forget_distance", "forget distance", True), ("retain_distance", "retain distance", True),
+              ("param_distance", "‖θ − θ_retr‖", False)]
+    for ax, (col, title, log) in zip(axes, panels):
+        for m in _methods(curves):
+            g = curves[curves["method"] == m].groupby("step")[col]
+            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+            lo = (mean - std).clip(lower=_FLOOR) if log else mean - std
+            ax.plot(mean.index, mean.clip(lower=_FLOOR) if log else mean, color=color(m), lw=1.4, label=label(m))
+            ax.fill_between(mean.index, lo, mean + std, color=color(m), alpha=0.15, lw=0)
+        if log:
+            ax.set_yscale("log")
+        if threshold is not None and col == "forget_distance":
+            ax.axhline(threshold, color="k", ls=":", lw=0.8)
+        ax.set_xlabel("unlearning step")
+        ax.set_title(title)
+
+
+def plot_run(run_dir, copy_to=None) -> list[Path]:
+    """Write both figures of one run dir (and copy them into ``copy_to``). Returns the paths."""
+    run_dir = Path(run_dir)
+    curves, summary = _load(run_dir)
+    cfg = summary["config"]
+    alpha, thr = cfg["alpha"], cfg["threshold"]
+    tag = f"alpha{alpha:g}"
+    paths = []
+
+    fig, axes = new_figure(1, 1, width=5.2, height=4.2)
+    draw_tradeoff(axes[0, 0], curves, alpha, thr)
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    paths.append(save_figure(fig, run_dir / f"synthetic_tradeoff_{tag}.png", copy_to=copy_to))
+
+    fig, axes = new_figure(3, 1, width=4.0, height=3.2)
+    draw_vs_step(axes[0], curves, thr)
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"§4 mixture, α = {alpha:g}: seed mean ± std over {cfg['seeds']} seeds "
+                 f"({cfg['pretrain']} pretraining)", fontsize=9)
+    paths.append(save_figure(fig, run_dir / f"synthetic_distances_{tag}.png", copy_to=copy_to))
+    return paths
+
+
+def plot_tradeoff_grid(run_dirs: Sequence, path, copy_to=None) -> Path:
+    """Trade-off panels of several run dirs side by side (e.g. α = 1 and α = 0), one shared legend."""
+    fig, axes = new_figure(len(run_dirs), 1, width=4.6, height=4.0)
+    for ax, d in zip(axes[0], run_dirs):
+        curves, summary = _load(Path(d))
+        draw_tradeoff(ax, curves, summary["config"]["alpha"], summary["config"]["threshold"])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7,
+               bbox_to_anchor=(0.5, -0.08))
+    return save_figure(fig, Path(path), copy_to=copy_to)
+
+
+__all__ = ["plot_run", "plot_tradeoff_grid", "draw_tradeoff", "draw_vs_step"]
