@@ -276,7 +276,6 @@ def aggregate_main(args) -> int:
     return 0
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Eval sets
 # --------------------------------------------------------------------------------------------------
@@ -528,6 +527,11 @@ def eval_main(args) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     retain = _check_retain_log(args.retain_log)
     prepared = eval_sets(args.forget_split, args.data_dir, args.ds_size)
     model, tokenizer, fmt = load_model(args.model, device=args.device, data_dir=args.data_dir)
