@@ -32,6 +32,10 @@ from npo_sim.unlearn import log_steps  # noqa: E402
 
 def _per_config(subset, cfg, steps: int, full: bool) -> list[dict]:
     out = []
+    warm = subset[0]                                   # warm-up: first-call costs are not per-step costs
+    dat = make_data(warm.n_f, warm.d, warm.seed, cfg, keep_features=full)
+    simulate_group(warm.method, [dataclasses.replace(warm, config_id=0)], {(warm.n_f, warm.d, warm.seed): dat},
+                   50, [50], full_dim={(warm.n_f, warm.d, warm.seed): dat.A} if full else None)
     for r in subset:
         key = (r.n_f, r.d, r.seed)
         dat = make_data(*key, cfg, keep_features=full)

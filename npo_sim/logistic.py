@@ -6,20 +6,20 @@ orthogonal ``x_i``, ``‖x_i‖ ∈ [b_x, B_x]``, ``‖θ_init‖ <= B_θ``; ful
 margin of sample ``i`` is ``m_i = ⟨a_i, θ⟩`` and ``log π_θ(s_i|x_i) = log σ(m_i)``.
 
 **Exact reduction.** Every gradient of a loss of the margins lies in ``span{a_i}``, so gradient descent
-never leaves ``θ_init + span{a_i}``. With an orthonormal basis ``Q`` of that span (``A = L Q^T`` with ``L`` the
-Cholesky factor of the Gram matrix ``A A^T``), ``θ_t = θ_init + Q z_t`` and gradient descent on ``z`` *is* gradient descent on θ
-(``Q`` is an isometry). So the adapter's parameters are ``z = Q^T(θ − θ_init)`` (``k = min(n_f, d)``
-numbers per config) and ``d`` only enters through the Gram matrix. ``‖θ_t − θ_init‖₂ = ‖z‖`` and
-``‖θ_t − θ_init‖_{XᵀX} = ‖A(θ_t − θ_init)‖ = ‖b‖`` with logit shifts ``b = L z``. The test suite
-checks the reduction against gradient descent on the full ``d``-dimensional θ.
+never leaves ``θ_init + span{a_i}``. Write ``A = L Q^T`` (``L`` the Cholesky factor of the Gram matrix
+``A A^T``, ``Q`` an orthonormal basis of the span) and ``θ_t = θ_init + Q z_t``: a GD step on ``z`` moves θ
+by ``−η Q Q^T ∇_θ L = −η ∇_θ L``, so GD on ``z`` *is* GD on θ. The adapter's parameters are therefore
+``z`` (``k = min(n_f, d)`` numbers per config) and ``d`` only enters through the Gram matrix:
+``‖θ_t − θ_init‖₂ = ‖z‖``, ``‖θ_t − θ_init‖_{XᵀX} = ‖A(θ_t − θ_init)‖ = ‖b‖`` with logit shifts
+``b = L z``. The tests check this against GD on the full ``d``-dimensional θ.
 
 **Batching.** A grid of configs runs as one tensor program per method through
-:func:`npo_sim.unlearn.run`: configs are grouped by dataset ``(n_f, d, seed)`` and the parameters have
-shape ``(datasets, replicas, k_max)`` so the forward pass is a batched matrix product. Smaller
-``n_f`` are zero-padded to ``n_max``; padded samples have zero features, hence constant ``logp`` and
-zero gradient, and each replica's step is scaled by ``n_max/n_f`` so that the mean over ``n_max``
-entries gives exactly the gradient of the mean over its ``n_f`` samples. Recorded losses are recomputed
-afterwards on the valid samples only, with the same objective.
+:func:`npo_sim.unlearn.run`: configs are grouped by dataset ``(n_f, d, seed)`` into slots and the
+parameters have shape ``(slots, replicas, k_max)``, so the forward pass is one batched matrix product.
+Smaller ``n_f`` are zero-padded to ``n_max``; padded samples have zero features, hence constant
+``logp`` and zero gradient, and each replica's step is scaled by ``n_max/n_f`` so that the mean over
+``n_max`` entries gives exactly the gradient of the mean over its ``n_f`` samples. Recorded losses are
+recomputed afterwards on the valid samples only, with the same objective.
 """
 
 from __future__ import annotations
@@ -263,8 +263,8 @@ class LogisticAdapter:
     winner), ``length = 1`` (one token).
     """
 
-    def __init__(self, Bt: torch.Tensor, m0: torch.Tensor, valid: torch.Tensor):
-        self.Bt, self.m0, self.valid = Bt, m0, valid
+    def __init__(self, Bt: torch.Tensor, m0: torch.Tensor):
+        self.Bt, self.m0 = Bt, m0
         self._inputs = {
             "logp": lambda m: F.logsigmoid(m),
             "idk_logp": lambda m: F.logsigmoid(-m),
@@ -337,30 +337,31 @@ def simulate_group(method: str, runs: list[Run], data: dict, steps: int, record_
     Returns run's column dict with an extra ``config_id`` column (dummy replicas dropped).
     """
     keys = sorted({(r.n_f, r.d, r.seed) for r in runs})
-    slot = {k: i for i, k in enumerate(keys)}
-    per = [[r for r in runs if (r.n_f, r.d, r.seed) == k] for k in keys]
-    D, Rm = len(keys), max(len(p) for p in per)
+    per = {k: [r for r in runs if (r.n_f, r.d, r.seed) == k] for k in keys}
+    # one slot = one dataset and up to `cap` of its configs. cap minimises the padded work, about
+    # slots × (cap + 8): each slot also reads its (k × n) features, worth ~8 replicas of elementwise work
+    cap = min(range(1, max(map(len, per.values())) + 1),
+              key=lambda c: (c + 8) * sum(-(-len(g) // c) for g in per.values()))
+    slots = [(k, g[i: i + cap]) for k, g in per.items() for i in range(0, len(g), cap)]
+    D, Rm = len(slots), cap
     n_max = max(k[0] for k in keys)
     feats = {k: (full_dim[k] if full_dim is not None else data[k].B) for k in keys}
     k_max = max(f.shape[1] for f in feats.values())
     Bt = torch.zeros(D, k_max, n_max, dtype=DTYPE)
     m0 = torch.zeros(D, 1, n_max, dtype=DTYPE)
-    valid = torch.zeros(D, n_max, dtype=torch.bool)
-    for k, i in slot.items():
-        f = torch.as_tensor(feats[k], dtype=DTYPE)
-        Bt[i, : f.shape[1], : f.shape[0]] = f.T
-        m0[i, 0, : k[0]] = torch.as_tensor(data[k].m0, dtype=DTYPE)
-        valid[i, : k[0]] = True
     lr = torch.zeros(D, Rm, dtype=DTYPE)                      # dummy replicas: lr = 0
     beta = torch.ones(D, Rm, dtype=DTYPE)
     ids = np.full((D, Rm), -1)
-    for i, group in enumerate(per):
+    for i, (k, group) in enumerate(slots):
+        f = torch.as_tensor(feats[k], dtype=DTYPE)
+        Bt[i, : f.shape[1], : f.shape[0]] = f.T
+        m0[i, 0, : k[0]] = torch.as_tensor(data[k].m0, dtype=DTYPE)
         for j, r in enumerate(group):
             lr[i, j] = r.eta * n_max / r.n_f                   # padding correction (see module doc)
             beta[i, j] = r.beta if uses_beta(method) else 1.0
             ids[i, j] = r.config_id
     obj = get_objective(method, beta=beta) if uses_beta(method) else get_objective(method)
-    adapter = LogisticAdapter(Bt, m0, valid)
+    adapter = LogisticAdapter(Bt, m0)
     out = run(adapter, obj, [torch.zeros(D, Rm, k_max, dtype=DTYPE)], steps=steps, lr=lr, record_at=record_at)
     out["config_id"] = ids.reshape(-1)[out["replica"]]
     keep = out["config_id"] >= 0
@@ -465,8 +466,9 @@ def _window(t: np.ndarray, small: np.ndarray, eps: float) -> tuple[np.ndarray, b
 def fit_table(traj: pd.DataFrame, eps: float) -> pd.DataFrame:
     """One row per config: linear fit of distance vs t and log fit vs log t over the fit window.
 
-    The window is where the asymptotic law applies: the mean forget probability (β-free methods) or
-    also the mean NPO weight W/2 (β-methods) have fallen to ``eps``.
+    The window is where the asymptotic law applies: from the first record where the mean forget
+    probability and (β-methods) the mean NPO weight W/2 are both <= ``eps``. With fewer than 8 such
+    records the fit uses the last 8 and the config is flagged ``in_regime = False``.
     """
     rows = []
     for cid, g in traj.groupby("config_id", sort=True):
@@ -479,8 +481,8 @@ def fit_table(traj: pd.DataFrame, eps: float) -> pd.DataFrame:
         lin, lg = linear_fit(t[w], D[w]), log_fit(t[w], D[w])
         rows.append({**{k: first[k] for k in ("config_id", "role", "method", "beta", "eta", "n_f", "d", "seed",
                                               "eta0", "c_mean", "C0")},
-                     "fit_from": float(t[w].min()), "in_regime": in_regime, "linear_slope": lin.slope, "linear_r2": lin.r2,
-                     "log_slope": lg.slope, "log_r2": lg.r2, "distance_T": float(D[-1]),
+                     "fit_from": float(t[w].min()), "in_regime": in_regime,
+                     "linear_slope": lin.slope, "linear_r2": lin.r2, "log_slope": lg.slope, "log_r2": lg.r2, "distance_T": float(D[-1]),
                      "npo_weight_T": float(g["npo_weight"].iloc[-1])})
     return pd.DataFrame(rows)
 
