@@ -225,11 +225,9 @@ def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", r
     ``ckpt_log``/``retain_log``: paths or loaded dicts. Raises :class:`UserError` on any malformed or
     mismatched input; never returns a ``None`` FQ when a retain log was passed.
     """
-    if not isinstance(ckpt_log, dict):
-        ckpt_name = str(ckpt_log)
-    if retain_log is not None and not isinstance(retain_log, dict):
-        retain_name = str(retain_log)
     ck = load_log(ckpt_log, ckpt_name)
+    if not isinstance(ckpt_log, dict):
+        ckpt_name = str(ckpt_log)  # errors inside the file name the file
     tasks = {TASKS[k]: task_log(ck, k, _NEED_FULL, ckpt_name) for k in TASKS}
     stats: dict[str, float] = {}
     for name, t in tasks.items():
@@ -237,7 +235,8 @@ def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", r
     out: dict = {}
     notes: list[str] = []
     if retain_log is not None:
-        rt = task_log(load_log(retain_log, retain_name), "forget", _NEED_FQ, retain_name)
+        rt_log = load_log(retain_log, retain_name)
+        rt = task_log(rt_log, "forget", _NEED_FQ, retain_name if isinstance(retain_log, dict) else str(retain_log))
         fq, ks = forget_quality(tasks["forget"], rt)
         out["forget_quality"] = fq
         out["ks_statistic"] = ks
