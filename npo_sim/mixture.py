@@ -316,13 +316,14 @@ class MixtureAdapter:
         t = lambda a, dt=dtype: torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
         f64 = torch.float64
         self.S, self.n_f = data.y_forget.shape
-        self.train_T = t(np.concatenate([data.phi_forget, data.phi_retain], 1)).transpose(1, 2).contiguous()
+        self.forget_T = t(data.phi_forget).transpose(1, 2).contiguous()      # (S, k, n_f)
+        self.retain_T = t(data.phi_retain).transpose(1, 2).contiguous()      # (S, k, n_r)
         self.eval_T = t(np.concatenate([data.phi_eval_forget, data.phi_eval_retain], 1), f64).transpose(1, 2).contiguous()
         self.n_eval = data.phi_eval_forget.shape[1]
         sign = lambda y, dt=dtype: t(2.0 * y - 1.0, dt)  # noqa: E731
         self.s_forget, self.s_idk, self.s_retain = sign(data.y_forget), sign(data.y_idk), sign(data.y_retain)
         self.s_forget64 = sign(data.y_forget, f64)
-        self.train64_T = self.train_T[:, :, : self.n_f].to(f64)
+        self.forget64_T = self.forget_T.to(f64)
         self.theta_retr = t(theta_retr, f64)                               # (S, k)
         self.retr_eval = self._logits(self.theta_retr, self.eval_T)        # (S, 2·n_eval)
 
@@ -336,25 +337,25 @@ class MixtureAdapter:
     def _per_replica(self, x: Tensor, G: int) -> Tensor:
         return x.expand(G // self.S, *x.shape).reshape(G, *x.shape[1:])
 
-    #: input key -> f(adapter, forget logits, retain logits)
+    #: input key -> (which logits it reads, f(adapter, logits))
     INPUTS = {
-        "logp": lambda a, zf, zr: F.logsigmoid(a._per_replica(a.s_forget, zf.shape[0]) * zf),
-        "idk_logp": lambda a, zf, zr: F.logsigmoid(a._per_replica(a.s_idk, zf.shape[0]) * zf),
-        "retain_logp": lambda a, zf, zr: F.logsigmoid(a._per_replica(a.s_retain, zr.shape[0]) * zr),
-        "retain_logits": lambda a, zf, zr: torch.stack([torch.zeros_like(zr), zr], -1),   # classes [0, 1]
-        "length": lambda a, zf, zr: torch.ones_like(zf),                                   # |y| = 1 label
+        "logp": ("forget", lambda a, z: F.logsigmoid(a._per_replica(a.s_forget, z.shape[0]) * z)),
+        "idk_logp": ("forget", lambda a, z: F.logsigmoid(a._per_replica(a.s_idk, z.shape[0]) * z)),
+        "length": ("forget", lambda a, z: torch.ones_like(z)),                     # one label: |y| = 1
+        "retain_logp": ("retain", lambda a, z: F.logsigmoid(a._per_replica(a.s_retain, z.shape[0]) * z)),
+        "retain_logits": ("retain", lambda a, z: torch.stack([torch.zeros_like(z), z], -1)),  # classes [0, 1]
     }
 
     def inputs(self, params: Sequence[Tensor], keys: frozenset[str]) -> dict[str, Tensor]:
-        z = self._logits(params[0], self.train_T)
-        zf, zr = z[:, : self.n_f], z[:, self.n_f:]
-        return {k: self.INPUTS[k](self, zf, zr) for k in keys}
+        feats = {"forget": self.forget_T, "retain": self.retain_T}
+        z = {part: self._logits(params[0], feats[part]) for part in {self.INPUTS[k][0] for k in keys}}
+        return {k: self.INPUTS[k][1](self, z[self.INPUTS[k][0]]) for k in keys}
 
     def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         theta = params[0].double()
         G = theta.shape[0]
         kl = binary_kl(self._per_replica(self.retr_eval, G), self._logits(theta, self.eval_T))
-        zf = self._logits(theta, self.train64_T)
+        zf = self._logits(theta, self.forget64_T)
         return {
             "forget_distance": kl[:, : self.n_eval].mean(-1),
             "retain_distance": kl[:, self.n_eval:].mean(-1),
@@ -368,7 +369,20 @@ class MixtureAdapter:
 # --------------------------------------------------------------------------------------------------
 def run_methods(adapter: MixtureAdapter, theta_ref: Tensor, specs: Mapping[str, MethodSpec], *,
                 steps: int, record_at: Sequence[int], seeds: Sequence[int]) -> pd.DataFrame:
-    """Unlearn every method in ``specs`` from ``theta_ref`` (S, k); return the tidy curves table."""
+    """Unlearn every method in ``specs`` from ``theta_ref`` (S, k); return the tidy curves table.
+
+    Runs with one intra-op thread (restored afterwards): the ops are tiny, and a second thread only adds
+    synchronisation, which stalls badly when the cores are shared.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_methods(adapter, theta_ref, specs, steps=steps, record_at=record_at, seeds=seeds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_methods(adapter, theta_ref, specs, *, steps, record_at, seeds) -> pd.DataFrame:
     groups: dict[str, list[str]] = defaultdict(list)
     for name, spec in specs.items():
         groups[spec.objective].append(name)
@@ -571,13 +585,8 @@ def run_synthetic(config: SyntheticConfig, out_dir, figures_dir=None, verbose: b
     dtype = getattr(torch, config.dtype)
     adapter = MixtureAdapter(data, theta[..., 1], dtype=dtype)
     theta_ref = torch.as_tensor(theta[..., 0], dtype=dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny ops: extra intra-op threads only add sync overhead
-    try:
-        curves = run_methods(adapter, theta_ref, config.specs, steps=config.steps, record_at=config.record_at,
-                             seeds=config.seed_list)
-    finally:
-        torch.set_num_threads(threads)
+    curves = run_methods(adapter, theta_ref, config.specs, steps=config.steps, record_at=config.record_at,
+                         seeds=config.seed_list)
     t_unl = time.perf_counter() - t0 - t_pre
 
     summary = {

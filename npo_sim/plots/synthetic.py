@@ -3,7 +3,7 @@
 * ``synthetic_tradeoff_alpha{α}.png`` — forget distance vs retain distance along each method's
   trajectory (the paper's Figure-3 style): seed-mean curve, thin per-seed curves, start marked.
 * ``synthetic_distances_alpha{α}.png`` — forget distance, retain distance and ‖θ − θ_retr‖ vs step,
-  seed mean with a ±1 std band.
+  seed geometric mean with a ×/÷ 1 geometric-std band (log axes).
 * :func:`plot_tradeoff_grid` puts several run dirs (e.g. α = 1 and α = 0) side by side.
 """
 
@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..runio import save_figure
@@ -52,17 +53,17 @@ def draw_tradeoff(ax, curves: pd.DataFrame, alpha: float, threshold: float | Non
 
 
 def draw_vs_step(axes, curves: pd.DataFrame, threshold: float | None = None) -> None:
-    panels = [("forget_distance", "forget distance", True), ("retain_distance", "retain distance", True),
-              ("param_distance", "‖θ − θ_retr‖", False)]
-    for ax, (col, title, log) in zip(axes, panels):
+    """Seed geometric mean with a ×/÷ geometric-std band (log axes: distances span decades across seeds)."""
+    panels = [("forget_distance", "forget distance"), ("retain_distance", "retain distance"),
+              ("param_distance", "‖θ − θ_retr‖")]
+    for ax, (col, title) in zip(axes, panels):
         for m in _methods(curves):
-            g = curves[curves["method"] == m].groupby("step")[col]
+            logs = np.log(curves.loc[curves["method"] == m, ["step", col]].set_index("step")[col].clip(lower=_FLOOR))
+            g = logs.groupby(level=0)
             mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
-            lo = (mean - std).clip(lower=_FLOOR) if log else mean - std
-            ax.plot(mean.index, mean.clip(lower=_FLOOR) if log else mean, color=color(m), lw=1.4, label=label(m))
-            ax.fill_between(mean.index, lo, mean + std, color=color(m), alpha=0.15, lw=0)
-        if log:
-            ax.set_yscale("log")
+            ax.plot(mean.index, np.exp(mean), color=color(m), lw=1.4, label=label(m))
+            ax.fill_between(mean.index, np.exp(mean - std), np.exp(mean + std), color=color(m), alpha=0.15, lw=0)
+        ax.set_yscale("log")
         if threshold is not None and col == "forget_distance":
             ax.axhline(threshold, color="k", ls=":", lw=0.8)
         ax.set_xlabel("unlearning step")
@@ -86,7 +87,7 @@ def plot_run(run_dir, copy_to=None) -> list[Path]:
     fig, axes = new_figure(3, 1, width=4.0, height=3.2)
     draw_vs_step(axes[0], curves, thr)
     axes[0, 0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"§4 mixture, α = {alpha:g}: seed mean ± std over {cfg['seeds']} seeds "
+    fig.suptitle(f"§4 mixture, α = {alpha:g}: geometric mean ×/÷ geometric std over {cfg['seeds']} seeds "
                  f"({cfg['pretrain']} pretraining)", fontsize=9)
     paths.append(save_figure(fig, run_dir / f"synthetic_distances_{tag}.png", copy_to=copy_to))
     return paths
