@@ -2,9 +2,11 @@
 
 Default (about 2–3 minutes on 2 cores): the three ``--quick`` tabular presets (budget: < 20 s each)
 and the ``--quick`` transformer presets. ``--full`` adds the full tabular presets and the full
-transformer presets (budget: < 5 min each), which takes up to ~15 minutes.
+transformer presets (budget: < 5 min each), which takes up to ~15 minutes. ``--runs`` / ``--presets``
+pick a subset (e.g. to time groups in parallel, each pinned to its own cores with ``taskset``).
+Each row also keeps the run's ``findings`` block, so the bench doubles as a record of the numbers.
 
-    .venv/bin/python bench/bench_markov.py [--full] [--threads N]
+    .venv/bin/python bench/bench_markov.py [--full] [--threads N] [--runs tabular:quick,transformer:full]
 """
 
 from __future__ import annotations
@@ -36,15 +38,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="also time the full presets")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", default=None, help="comma list of MODEL:quick|full (overrides --full)")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = [(m, True) for m in ("tabular", "transformer")]
     if args.full:
         runs += [(m, False) for m in ("tabular", "transformer")]
+    if args.runs:
+        runs = [(r.split(":")[0], r.split(":")[1] == "quick") for r in args.runs.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model, quick in runs:
-            for preset in PRESETS:
+            for preset in args.presets.split(","):
                 w0, c0 = time.perf_counter(), _cpu_s()
                 summary = run_markov(preset, model, quick, out_dir=Path(tmp) / f"{preset}-{model}-{quick}")
                 wall, cpu = time.perf_counter() - w0, _cpu_s() - c0
@@ -52,16 +59,17 @@ def main(argv=None) -> int:
                 row = {"preset": preset, "model": model, "quick": quick, "wall_s": round(wall, 2),
                        "cpu_s": round(cpu, 2), "budget_s": budget,
                        "within_budget": None if budget is None else wall < budget,
-                       "timing_s": {k: round(v, 2) for k, v in summary["timing_s"].items()}}
+                       "timing_s": {k: round(v, 2) for k, v in summary["timing_s"].items()},
+                       "diverged_at_step": summary["diverged_at_step"], "findings": summary["findings"]}
                 rows.append(row)
                 print(f"{preset:13s} {model:11s} quick={quick!s:5s} wall {wall:7.1f}s cpu {cpu:7.1f}s"
                       + (f"  (budget {budget:.0f}s)" if budget else ""), flush=True)
-    write_json(OUT, {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    write_json(args.out, {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                                  "threads": args.threads, "python": sys.version.split()[0]},
                      "note": "wall time includes data sampling, pretraining, unlearning every method, and "
                              "writing curves/summary/figure; machine shared with other jobs, so noisy",
                      "runs": rows})
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -373,7 +373,7 @@ TUNING = {
     ("*", "tabular"): dict(steps=400, lr=0.05, n_records=20, linear_records=40, lr_scale=SIMNPO_SCALE),
     ("divergence", "tabular"): dict(steps=3000, lr=1.0, n_records=50, linear_records=0, lr_scale=()),
     ("*", "transformer"): dict(steps=400, lr=1e-4, optimizer="adam", batch_size=128,
-                               methods=("ga", "npo", "npo_rt", "simnpo", "simnpo_rt"), eval_max=1000, n_records=15,
+                               methods=("ga", "npo", "npo_rt", "simnpo", "simnpo_rt"), eval_max=500, n_records=15,
                                linear_records=20),
     ("divergence", "transformer"): dict(steps=600, lr=1e-4, optimizer="gd", methods=("ga", "npo"), n_records=30,
                                         linear_records=0, lr_scale=(("npo", 20.0),)),
@@ -444,14 +444,17 @@ def simulate(cfg: MarkovConfig, progress=None) -> tuple[pd.DataFrame, dict]:
     record = sorted(set(unlearn.log_steps(cfg.steps, cfg.n_records))
                     | set(np.linspace(0, cfg.steps, cfg.linear_records).round().astype(int).tolist()))
     opt = OPTIMIZERS[cfg.optimizer]
-    frames, timings = [], {}
+    frames, timings, diverged = [], {}, {}
     for method in cfg.methods:
         t1 = time.perf_counter()
         scale = dict(cfg.lr_scale).get(method, 1.0)
         obj = get_objective(method, beta=cfg.beta, retain_weight=OBJECTIVES[method].retain_weight / scale)
         adapter = MarkovAdapter(model, forget, train["retain"], idk, evaluator, cfg.batch_size, cfg.seed)
-        res = unlearn.run(adapter, obj, target, steps=cfg.steps, lr=cfg.lr * scale, record_at=record,
-                          optimizer=opt(cfg.lr) if opt else None)
+        try:
+            res = unlearn.run(adapter, obj, target, steps=cfg.steps, lr=cfg.lr * scale, record_at=record,
+                              optimizer=opt(cfg.lr) if opt else None)
+        except unlearn.NonFiniteLoss as exc:  # a diverged run is a result: keep its records up to that step
+            res, diverged[method] = exc.rows, exc.step
         frames.append(pd.DataFrame(res).drop(columns="replica").assign(method=method))
         timings[method] = time.perf_counter() - t1
         if progress:
@@ -465,6 +468,7 @@ def simulate(cfg: MarkovConfig, progress=None) -> tuple[pd.DataFrame, dict]:
                      "target_sources": pre_sources, "method": "exact MLE" if cfg.model == "tabular" else "AdamW"},
         "reference": reference,
         "methods": {m: _method_summary(curves[curves.method == m]) for m in cfg.methods},
+        "diverged_at_step": diverged,
         "timing_s": {"pretrain": t_pre, **timings, "total": time.perf_counter() - t0},
     }
     summary["findings"] = FINDINGS[cfg.preset](cfg, curves, summary)
@@ -531,7 +535,9 @@ def divergence_fits(curves: pd.DataFrame, fit_from: int) -> dict:
     """Linear and log fits of ‖θ_t−θ_0‖ and of the forget NLL (−mean summed log-lik) against t, per method."""
     out = {}
     for m, df in curves.groupby("method", sort=False):
-        df = df[df.step >= max(fit_from, 1)]
+        df = df[(df.step >= max(fit_from, 1)) & np.isfinite(df.param_dist) & np.isfinite(df.logp_forget)]
+        if len(df) < 3:
+            continue  # diverged too early to fit
         t = df.step.to_numpy(float)
         out[m] = {f"{name}_{kind}": fit(t, y).as_dict()
                   for name, y in (("norm", df.param_dist.to_numpy()), ("forget_nll", -df.logp_forget.to_numpy()))
@@ -635,5 +641,7 @@ def format_summary(summary: dict) -> str:
                          f"{b['forget1']['kl_oracle']:10.4f} {b['forget2']['kl_oracle']:10.4f} "
                          f"{b['forget1']['ll_gap_vs_oracle']:+9.4f} {b['forget2']['ll_gap_vs_oracle']:+9.4f} "
                          f"{b['kl_retain_true']:11.4f}")
+    for m, step in summary["diverged_at_step"].items():
+        lines.append(f"  {m}: loss became non-finite at step {step}; curves and fits stop there")
     lines.append(f"  verdict: {f['verdict']}")
     return "\n".join(lines)

@@ -114,7 +114,9 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
             break
         total = terms.loss.sum()
         if not torch.isfinite(total):
-            raise NonFiniteLoss(f"loss became non-finite at step {step} (objective {objective.name})")
+            exc = NonFiniteLoss(f"loss became non-finite at step {step} (objective {objective.name})")
+            exc.step, exc.rows = step, {k: np.asarray(v) for k, v in rows.items()}  # the records made so far
+            raise exc
         grads = torch.autograd.grad(total, params)
         if opt is None:
             with torch.no_grad():

@@ -24,10 +24,10 @@ def _x(df: pd.DataFrame) -> np.ndarray:
 def divergence(curves: pd.DataFrame, summary: dict):
     """One row per method: ‖θ_t−θ_0‖ and forget NLL vs t (log x-axis), with linear and log fits overlaid."""
     fits = summary["findings"]["fits"]
-    methods = list(dict.fromkeys(curves.method))
+    methods = [m for m in dict.fromkeys(curves.method) if m in fits]  # a run that diverged at once has no fit
     fig, axes = new_figure(ncols=2, nrows=len(methods), height=2.8)
     for i, m in enumerate(methods):
-        df = curves[curves.method == m]
+        df = curves[(curves.method == m) & np.isfinite(curves.param_dist)]
         t = np.geomspace(max(1, df.step[df.step > 0].min()), df.step.max(), 200)
         for j, (q, col, ylab) in enumerate((("norm", "param_dist", "‖θ_t − θ_0‖"),
                                             ("forget_nll", "logp_forget", "forget NLL"))):
