@@ -91,7 +91,7 @@ def logit_shifts(res: dict):
             ax.plot(gi.step, -gi["shift"], color=color(method), lw=0.7, alpha=0.6,
                     label=f"{label(method)} |b_i(t)|" if i == 0 else None)
             t, v = _overlay(ov, "flow_shift", cid, int(i))
-            ax.plot(t, -v, "k:", lw=0.6, label="exact flow per sample" if i == 0 else None)
+            ax.plot(t[t > 0], -v[t > 0], "k:", lw=0.6, label="exact flow per sample" if i == 0 else None)
         lo_name, hi_name = ("ga_linear_lo", "ga_linear_hi") if method == "ga" else ("npo_envelope_lo", "npo_envelope_hi")
         t, lo = _overlay(ov, lo_name, cid)
         _, hi = _overlay(ov, hi_name, cid)
@@ -136,7 +136,8 @@ def steps_to_reach(res: dict):
         R = tab.R.to_numpy()
         T = res["summary"]["config"]["steps"]
         for method in ("ga", "npo"):
-            th = np.minimum(np.array(tab[f"{method}_theory"].tolist()), 1e6 * T)   # clip the exponential
+            # JSON stores an overflowed exponential as "inf": float() reads it back; clip for display
+            th = np.minimum([[float(v) for v in pair] for pair in tab[f"{method}_theory"]], 1e6 * T)
             ax.fill_between(R, th[:, 0], th[:, 1], color=color(method), alpha=0.15,
                             label=f"{label(method)} theory band")
             meas = tab[f"{method}_steps"].astype(float)
@@ -160,7 +161,8 @@ def beta_sweep(res: dict):
     ax = axes[0][0]
     ga = _base_rows(fits, cfg, "ga")
     for _, r in ga.iterrows():
-        ax.plot(*_curve(traj, r.config_id, "dist_xtx"), color=color("ga"), lw=2.5, label=label("ga"))
+        t, v = _curve(traj, r.config_id, "dist_xtx")
+        ax.plot(t[t > 0], v[t > 0], color=color("ga"), lw=2.5, label=label("ga"))
     npo = _base_rows(fits, cfg, "npo").sort_values("beta")
     cmap = __import__("matplotlib").colormaps["viridis"]
     for k, (_, r) in enumerate(npo.iterrows()):
