@@ -264,10 +264,15 @@ def pretrain_gd(data: MixtureData, steps: int = 20000, lr: float = 0.05, dtype=n
     thetaT = np.zeros((phi.shape[0], 2, phi.shape[2]), dtype)   # (S, 2, k): row layout keeps matmuls fast
     yT = y[:, None, :].astype(dtype)
     wT = np.swapaxes(w, 1, 2).astype(dtype)
-    lr_ = dtype(lr)
+    lw = dtype(lr) * wT                                # step size folded into the row weights
+    lwy = lw * yT
+    z = np.empty(wT.shape, dtype)
     for _ in range(steps):
-        z = thetaT @ phiT                              # (S, 2, n)
-        thetaT -= lr_ * ((wT * (expit(z) - yT)) @ phi_)
+        np.matmul(thetaT, phiT, out=z)                 # (S, 2, n)
+        expit(z, out=z)
+        z *= lw
+        z -= lwy
+        thetaT -= z @ phi_
     theta = np.swapaxes(thetaT, 1, 2).astype(np.float64)
     loss, g, _ = _nll_grad(phi, np.ascontiguousarray(np.swapaxes(phi, 1, 2)), y, w, theta)
     return theta, {"steps": steps, "lr": lr, "arithmetic": np.dtype(dtype).name,
@@ -390,9 +395,12 @@ def _run_methods(adapter, theta_ref, specs, *, steps, record_at, seeds) -> pd.Da
     frames = []
     for objective_name, names in groups.items():
         c = len(names)
-        lr = torch.tensor([specs[m].lr for m in names], dtype=theta_ref.dtype).repeat_interleave(S)
+        lrs = [specs[m].lr for m in names]
         betas = [specs[m].beta if specs[m].beta is not None else OBJECTIVES[objective_name].beta for m in names]
-        beta = torch.tensor(betas, dtype=theta_ref.dtype).repeat_interleave(S)
+        # one value per replica; a plain float when the group shares it (skips per-step tensor checks)
+        per_replica = lambda v: (float(v[0]) if len(set(v)) == 1  # noqa: E731
+                                 else torch.tensor(v, dtype=theta_ref.dtype).repeat_interleave(S))
+        lr, beta = per_replica(lrs), per_replica(betas)
         objective = get_objective(objective_name, beta=beta)
         theta0 = theta_ref.repeat(c, 1)                                    # (c·S, k), method-major
         cols = unlearn.run(adapter, objective, [theta0], steps=steps, lr=lr, record_at=record_at)

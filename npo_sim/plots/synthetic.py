@@ -101,7 +101,7 @@ def plot_tradeoff_grid(run_dirs: Sequence, path, copy_to=None) -> Path:
         draw_tradeoff(ax, curves, summary["config"]["alpha"], summary["config"]["threshold"])
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7,
-               bbox_to_anchor=(0.5, -0.08))
+               bbox_to_anchor=(0.5, -0.14))
     return save_figure(fig, Path(path), copy_to=copy_to)
 
 
