@@ -560,6 +560,14 @@ def analyze(traj: pd.DataFrame, shifts: pd.DataFrame, cfg: TheoryConfig) -> tupl
     if ga is not None and npo is not None:
         summary["npo_over_ga_distance_T"] = npo.distance_T / ga.distance_T
 
+    # the realised Theorem-2 assumptions, per (n_f, d)
+    nd = grid.groupby(["n_f", "d"]).C0.max().reset_index()
+    th = traj.groupby("config_id").theta_init_norm.first()
+    summary["data"] = {"C0_definition": "n_f * max_{i != j} |<x_i, x_j>|",
+                       "C0_max_by_nf_d": [{"n_f": int(r.n_f), "d": int(r.d), "C0": float(r.C0)} for r in nd.itertuples()],
+                       "theta_init_norm": [float(th.min()), float(th.max())],
+                       "x_norm_range": [cfg.x_norm_min, cfg.x_norm_max]}
+
     # every method at the base point (β = base_beta where it applies)
     summary["by_method"] = {}
     for method in cfg.methods:
@@ -716,6 +724,10 @@ def format_table(summary: dict) -> str:
         if "exponent" in s:
             lines.append(f"{key} {s['law']}: fitted exponent {s['exponent']:.3f} (R2 {s['r2']:.4f}, "
                          f"{s['n_configs']} configs)")
+    if "data" in summary:
+        c0 = [e["C0"] for e in summary["data"]["C0_max_by_nf_d"]]
+        lines.append(f"data: C0 = n_f*max|<x_i,x_j>| in [{min(c0):.2f}, {max(c0):.2f}] over (n_f, d); "
+                     f"|theta_init| = {summary['data']['theta_init_norm'][1]:.3g}")
     if "envelope" in summary:
         e = summary["envelope"]
         lines.append(f"NPO envelope: C_a={e['C_a']:.3g} C_b={e['C_b']:.3g} (last decade "
