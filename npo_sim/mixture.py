@@ -588,6 +588,12 @@ def run_synthetic(config: SyntheticConfig, out_dir, figures_dir=None, verbose: b
         pretraining["start"][other] = _start_kl(data, theta_o)
         th_n, th_g = (theta, theta_o) if config.pretrain == "newton" else (theta_o, theta)
         pretraining["newton_vs_gd"] = _pretrain_comparison(data, th_n, th_g)
+    sep = sorted({sd for rec in (pretraining.get("newton") or {}).values() if isinstance(rec, dict)
+                  for sd in rec.get("quasi_separated_seeds", [])})
+    if sep:
+        pretraining["note"] = (f"seeds {sep}: the training data are (quasi-)separable for Newton's fit (a training "
+                               "logit beyond ±30), so no finite optimum exists and Newton stopped on a ray of large "
+                               "‖θ‖ once ‖∇‖ < 1e-10; GD's finite budget keeps θ moderate (see theta_norm_per_seed)")
     t_pre = time.perf_counter() - t0
 
     dtype = getattr(torch, config.dtype)
