@@ -47,7 +47,7 @@ def run_core(out_dir: Path, figures_dir: Path | None = None, seed: int = 0) -> d
     pushed = torch.tensor([-1.0, -10.0, -100.0, -1000.0], dtype=torch.float64)
     npo_vals = [npo(p.reshape(1), torch.zeros(1, dtype=torch.float64), 1.0).item() for p in pushed]
     ga_vals = [ga(p.reshape(1)).item() for p in pushed]
-    loss_at_ref = {b: npo(logp_ref, logp_ref, b).item() for b in (0.1, 1.0)}
+    loss_at_ref = {str(b): npo(logp_ref, logp_ref, b).item() for b in (0.1, 1.0)}
 
     summary = {
         "prop1": {"rows": rows, "loss_gap_monotone": bool(np.all(np.diff(loss_gaps) < 0)),
@@ -55,8 +55,8 @@ def run_core(out_dir: Path, figures_dir: Path | None = None, seed: int = 0) -> d
                   "loss_gap_at_min_beta": loss_gaps[-1], "grad_gap_at_min_beta": grad_gaps[-1]},
         "weight": {"min": w_min, "max": w_max, "max_abs_dev_from_1_at_ref": at_ref,
                    "range_checked": "log-ratio in [-30, 30], beta in {0.1, 0.5, 1}"},
-        "bounded_below": {"npo_at_logp": dict(zip(pushed.tolist(), npo_vals)),
-                          "ga_at_logp": dict(zip(pushed.tolist(), ga_vals)),
+        "bounded_below": {"npo_at_logp": dict(zip(map(str, pushed.tolist()), npo_vals)),
+                          "ga_at_logp": dict(zip(map(str, pushed.tolist()), ga_vals)),
                           "npo_at_ref": loss_at_ref,
                           "npo_min_seen": min(npo_vals)},
         "config": {"seed": seed, "n": 256, "betas": list(BETAS)},
