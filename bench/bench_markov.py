@@ -49,6 +49,15 @@ def main(argv=None) -> int:
     if args.runs:
         runs = [(r.split(":")[0], r.split(":")[1] == "quick") for r in args.runs.split(",")]
     rows = []
+
+    def save() -> None:  # after every run, so a long --full bench keeps what it measured
+        write_json(args.out, {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                                     "threads": args.threads, "python": sys.version.split()[0]},
+                         "note": "wall time includes data sampling, pretraining, unlearning every method, and "
+                                 "writing curves/summary/figure; the machine was shared with other jobs (see loadavg), so wall "
+                                 "time is inflated and cpu_s (this process's user+sys) is the better proxy",
+                         "runs": rows})
+
     with tempfile.TemporaryDirectory() as tmp:
         for model, quick in runs:
             for preset in args.presets.split(","):
@@ -59,16 +68,14 @@ def main(argv=None) -> int:
                 row = {"preset": preset, "model": model, "quick": quick, "wall_s": round(wall, 2),
                        "cpu_s": round(cpu, 2), "budget_s": budget,
                        "within_budget": None if budget is None else wall < budget,
+                       "within_budget_cpu": None if budget is None else cpu < budget,
+                       "loadavg_1min_after": round(os.getloadavg()[0], 2),
                        "timing_s": {k: round(v, 2) for k, v in summary["timing_s"].items()},
                        "diverged_at_step": summary["diverged_at_step"], "findings": summary["findings"]}
                 rows.append(row)
                 print(f"{preset:13s} {model:11s} quick={quick!s:5s} wall {wall:7.1f}s cpu {cpu:7.1f}s"
                       + (f"  (budget {budget:.0f}s)" if budget else ""), flush=True)
-    write_json(args.out, {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                                 "threads": args.threads, "python": sys.version.split()[0]},
-                     "note": "wall time includes data sampling, pretraining, unlearning every method, and "
-                             "writing curves/summary/figure; machine shared with other jobs, so noisy",
-                     "runs": rows})
+                save()
     print(f"wrote {args.out}")
     return 0
 

@@ -6,7 +6,8 @@ its own states a chain moves to each own state with probability ``(1-ε)/g`` and
 with ``ε/(K-g)``; rows of states outside its set are uniform; the initial distribution uses the same
 split. Sequences are sampled, split 80/20 into train/test.
 
-Models (both expose ``seq_logp``, ``next_logprobs``, ``retain_logits`` over a parameter list):
+Models (both are functions of a parameter list: ``seq_logp``, ``retain_logp``, ``retain_logits``,
+``next_logprobs``, and ``contexts``/``context_logprobs`` for the exact metrics):
 
 * ``TabularModel``: initial logits ``(K,)`` and transition logits ``(K, K)``. Pretraining is **exact**:
   the maximum-likelihood solution (normalised counts, plus a small pseudocount ``α`` so no logit is
@@ -22,6 +23,15 @@ the sequence of the same length that stays on state 10 (the no-chain state), whi
 (``batch_size`` forget + ``batch_size`` retain sequences per step, drawn by a schedule fixed by
 ``(seed, step)``) through the loop's ``select`` hook, with the reference log-probs cached once.
 
+Optimisers. Tabular: plain GD (the divergence law is a statement about GD; Adam would normalise each
+row's gradient separately and erase the per-sequence weighting that separates NPO from SimNPO).
+SimNPO's forget gradient is ``(2/L)·σ(β·logp/L)`` ≈ 5e-4 of NPO's at the target (β=2.5, token NLL ≈ 2),
+so in the tabular length/memorization presets its forget term gets a ×1000 step (``lr_scale``:
+``lr·s`` with ``retain_weight/s``, i.e. the retain step is unchanged); GD paths are step-size
+invariant, and every method is compared at its own best step. Transformer: Adam (lr 1e-4) for
+length/memorization; GD for divergence (GA at lr 1e-4, NPO at 2e-3, so NPO reaches its saturating
+regime while GA stays finite).
+
 Metrics at every record step (all exact given the sampled test sets): next-state ``KL(truth ‖ model)``
 averaged over all prefixes of the test sequences of each source, where truth is (a/b) the true chain of
 that source or (c) the oracle model; per-token test log-likelihood; mean summed log-likelihood of the
@@ -31,9 +41,7 @@ KL ``KL(chain ‖ model)/L`` (initial KL + transition KLs weighted by the chain'
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -377,8 +385,8 @@ TUNING = {
                                linear_records=20),
     ("divergence", "transformer"): dict(steps=600, lr=1e-4, optimizer="gd", methods=("ga", "npo"), n_records=30,
                                         linear_records=0, lr_scale=(("npo", 20.0),)),
-    ("*", "tabular", "quick"): dict(n_retain=5000, n_forget1=2500, n_forget2=2500, linear_records=25),
-    ("divergence", "tabular", "quick"): dict(steps=1000, n_records=30, linear_records=0),
+    ("*", "tabular", "quick"): dict(n_retain=5000, n_forget1=2500, n_forget2=2500, steps=200, lr=0.1, linear_records=25),
+    ("divergence", "tabular", "quick"): dict(steps=1000, lr=1.0, n_records=30, linear_records=0),
     ("*", "transformer", "quick"): dict(n_retain=2000, n_forget1=1000, n_forget2=1000, steps=100, lr=3e-4, eval_max=300,
                                         n_records=10, linear_records=10,
                                         transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=2)),
@@ -607,9 +615,13 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the models are tiny)")
 
 
 def main(args) -> int:
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     summary = run_markov(args.preset, args.model, args.quick, args.out, args.figures or None, args.seed,
                          progress=lambda m, s: print(f"  {m}: {s:.1f}s", flush=True),

@@ -14,6 +14,13 @@ from npo_sim import cli, markov as M, unlearn
 from npo_sim.losses import get_objective, kl
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny float64 ops: a second intra-op thread only adds overhead (and contention on shared machines)
+    torch.set_num_threads(1)
+    yield
+
+
 def _chain_params(chain: M.Chain) -> list[torch.Tensor]:
     rows = torch.log(M.rows_tensor(chain))
     return [rows[0].clone(), rows[1:].clone()]
@@ -206,7 +213,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, argv, 
 
 
 def test_length_preset_prints_npo_and_simnpo_forget_and_retain_kls(tmp_path, capsys):
-    rc = cli.main(["markov", "--preset", "length", "--quick", "--methods", "npo,simnpo", "--steps", "200", "--out", str(tmp_path / "l"),
+    rc = cli.main(["markov", "--preset", "length", "--quick", "--methods", "npo,simnpo", "--out", str(tmp_path / "l"),
                    "--figures", ""])
     assert rc == 0
     out = capsys.readouterr().out
