@@ -609,7 +609,7 @@ def run(command: str, args) -> int:
             if collapsed and cfg.stop_on_collapse:
                 stop_reason = "collapse"
                 break
-        if stop_reason in ("max_steps",) or (stop_reason == "collapse"):
+        if stop_reason is not None:
             break
         # ---- end of epoch: greedy degeneration check, eval hook, checkpoint
         model.eval()
@@ -643,7 +643,7 @@ def run(command: str, args) -> int:
 
     # ---- final model and run info
     elapsed = time.time() - t_start
-    if stop_reason is None or stop_reason == "collapse":
+    if stop_reason != "stop_after_epoch":
         _save_model(acc, model, tokenizer, out / "model", fmt, cfg, state)
     if acc.is_main_process:
         info.update(steps_done=step, stopped=stop_reason, collapsed=collapsed, train_seconds=elapsed,
