@@ -53,7 +53,7 @@ PRESET_DEFAULTS = {
     "tofu": ({"lr": 1e-5, "epochs": 5, "batch_size": 4, "grad_accum": 8, "model": None},
              {"lr": 1e-5, "epochs": 10, "batch_size": 4, "grad_accum": 8}),
     # tofu-mini on CPU with tiny-llama: high lr, small batches
-    "mini": ({"lr": 2e-3, "epochs": 20, "batch_size": 16, "grad_accum": 1, "model": "tiny-llama:5m"},
+    "mini": ({"lr": 2e-3, "epochs": 10, "batch_size": 16, "grad_accum": 1, "model": "tiny-llama:5m"},
              {"lr": 1e-3, "epochs": 10, "batch_size": 8, "grad_accum": 1}),
 }
 REF_PREFIX = "ref_"
