@@ -412,6 +412,8 @@ def _setup(command: str, args):
             ev = importlib.import_module("full_scale.evaluate")
             if not hasattr(ev, "evaluate_epoch"):
                 raise UserError("--eval-every-epoch: full_scale.evaluate.evaluate_epoch is not available")
+            if getattr(args, "retain_log", None) is None:
+                raise UserError("--eval-every-epoch needs --retain-log (the retain model's TOFU-format eval log)")
     data_dir = D.resolve_data_dir(cfg.data_dir)
     if command == "finetune":
         if cfg.preset == "mini":
@@ -543,7 +545,7 @@ def run(command: str, args) -> int:
     # ---- collapse detector (unlearning only): baseline retain NLL on the monitored retain questions
     detect = command == "unlearn"
     monitor_q = [r["question"] for r in retain_rows[: cfg.collapse_questions]]
-    monitor = task.retain[: max(1, cfg.collapse_questions)] if detect else task.examples[:1]
+    monitor = task.retain[:32] if detect else task.examples[:1]  # NLL baseline: the first 32 retain QA
     if "retain_nll0" not in state:
         with torch.no_grad():
             b = {k: v.to(acc.device) for k, v in D.pad_batch(monitor, pad_id).items()}
@@ -553,7 +555,7 @@ def run(command: str, args) -> int:
 
     # ---- the loop
     step = int(state.get("step", 0))
-    t_start, tokens_total, collapsed, stop_reason = time.time(), 0, False, None
+    t_start, tokens_total, collapsed, stop_reason = time.time(), 0, bool(state.get("collapsed")), None
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or not acc.is_main_process,
                desc=command, dynamic_ncols=True)
     stats_keys = task.stat_names
@@ -628,7 +630,7 @@ def run(command: str, args) -> int:
                 from .evaluate import evaluate_epoch
                 evaluate_epoch(acc.unwrap_model(model), tokenizer, fmt, out, epoch + 1, args)
             acc.wait_for_everyone()
-        state.update(step=step, epoch=epoch + 1)
+        state.update(step=step, epoch=epoch + 1, collapsed=collapsed)
         last = epoch + 1 == cfg.epochs
         stop_now = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
         if (epoch + 1) % cfg.save_every == 0 or last or stop_now:
