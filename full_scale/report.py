@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -373,6 +374,8 @@ def plan_study(args) -> tuple[list[dict], dict]:
                                    "--model", str(target / "model"), "--forget", f, "--retain", r, "--method", m,
                                    "--out", str(d), "--eval-every-epoch", "--eval-ds-size", str(settings["eval_ds_size"]),
                                    "--retain-log", str(oracle_log), *ul]})
+    for st in stages:  # also caps the threads of eval stages (no --threads flag) via OMP_NUM_THREADS
+        st["threads"] = args.threads
     return stages, settings
 
 
@@ -384,7 +387,8 @@ def _run_stage(st: dict, log_path: Path) -> float:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         t0 = time.time()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(st["threads"])} if st.get("threads") else {})}
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise UserError(f"stage '{st['name']}' failed (exit {proc.returncode}); see {log_path}")
     return time.time() - t0
