@@ -284,6 +284,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--theory-dir", default="runs/figures/theory", help="logistic lab run (computed --quick if absent)")
     p.add_argument("--markov-dir", default="runs/figures/markov_divergence",
                    help="Markov divergence run (computed --quick if absent)")
+    p.add_argument("--train-args", default="",
+                   help="extra flags for every finetune/unlearn stage, e.g. '--dtype float32' under FSDP")
     p.add_argument("--jobs", type=int, default=1, help="stages run at once within a group (CPU: 1-2)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
@@ -332,6 +334,7 @@ def plan_study(args) -> tuple[list[dict], dict]:
                     ("--grad-accum", args.grad_accum), ("--threads", args.threads)):
         if v is not None:
             common += [flag, str(v)]
+    common += shlex.split(args.train_args or "")
     ft = list(common)
     for flag, v in (("--epochs", args.finetune_epochs), ("--lr", args.finetune_lr)):
         if v is not None:
@@ -455,7 +458,7 @@ def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets
              f"Model `{settings['model']}`; forget splits {', '.join(settings['forget'])}; methods "
              f"{', '.join(settings['methods'])}.",
              f"Evaluation on the first {settings['eval_ds_size']} questions of each eval set, greedy answers of at "
-             f"most {settings['eval_max_new_tokens']} tokens for ROUGE (TOFU: 300 questions, 200 tokens): forget "
+             f"most {settings['eval_max_new_tokens']} tokens for ROUGE (TOFU: 300 questions, longer answers): forget "
              "quality is a KS p-value over that many forget questions, so it is coarse.", "",
              "## Targets", "", "| split | target MU | target FQ | target forget ROUGE |", "|---|---|---|---|"]
     for s, t in targets.items():
