@@ -551,11 +551,20 @@ def run(command: str, args) -> int:
             b = {k: v.to(acc.device) for k, v in D.pad_batch(monitor, pad_id).items()}
             lp, n = sequence_logprobs(model, **b)
             state["retain_nll0"] = float((-lp / n).mean())
-    greedy_log = json.loads((out / "greedy_samples.json").read_text()) if ckpts and (out / "greedy_samples.json").is_file() else {}
+    greedy_path = out / "greedy_samples.json"
+    greedy_log = json.loads(greedy_path.read_text()) if ckpts and greedy_path.is_file() else {}
+    if detect and monitor_q and "degenerate_frac0" not in state:  # the starting model's own baseline
+        answers = greedy_answers(model, tokenizer, monitor_q, fmt)
+        state["degenerate_frac0"] = sum(is_degenerate(a) for a in answers) / len(answers)
+        greedy_log["0"] = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
 
     # ---- the loop
     step = int(state.get("step", 0))
-    t_start, tokens_total, collapsed, stop_reason = time.time(), 0, bool(state.get("collapsed")), None
+    # collapse = retain NLL > k x initial (per step) or the last greedy check degenerate (per epoch):
+    # more than half the answers degenerate and more than at the start
+    t_start, tokens_total, stop_reason = time.time(), 0, None
+    greedy_bad, collapsed = bool(state.get("greedy_bad")), False
+    ever = bool(state.get("ever_collapsed"))
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or not acc.is_main_process,
                desc=command, dynamic_ncols=True)
     stats_keys = task.stat_names
@@ -601,7 +610,9 @@ def run(command: str, args) -> int:
             if detect:
                 row["collapse_nll"] = int(row["retain_nll"] > cfg.collapse_k * state["retain_nll0"])
                 row["degenerate_frac"] = float("nan")
-                collapsed = collapsed or bool(row["collapse_nll"])
+                collapsed = bool(row["collapse_nll"]) or greedy_bad
+                row["collapse"] = int(collapsed)
+                ever = ever or collapsed
             row["step_seconds"] = time.time() - t0
             log_rows.append(row)
             bar.update(1)
@@ -620,17 +631,19 @@ def run(command: str, args) -> int:
             frac = sum(is_degenerate(a) for a in answers) / len(answers)
             greedy_log[str(epoch + 1)] = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
             log_rows[-1]["degenerate_frac"] = frac
-            collapsed = collapsed or frac > 0.5
+            greedy_bad = frac > max(0.5, state.get("degenerate_frac0", 0.0))
+            collapsed = bool(log_rows[-1]["collapse_nll"]) or greedy_bad
             log_rows[-1]["collapse"] = int(collapsed)
+            ever = ever or collapsed
             if acc.is_main_process:
-                write_csv(out / "train_log.csv", _with_collapse(log_rows))
-                write_json(out / "greedy_samples.json", greedy_log)
+                write_csv(out / "train_log.csv", log_rows)
+                write_json(greedy_path, greedy_log)
         if getattr(args, "eval_every_epoch", False):
             if acc.is_main_process:
                 from .evaluate import evaluate_epoch
                 evaluate_epoch(acc.unwrap_model(model), tokenizer, fmt, out, epoch + 1, args)
             acc.wait_for_everyone()
-        state.update(step=step, epoch=epoch + 1, collapsed=collapsed)
+        state.update(step=step, epoch=epoch + 1, greedy_bad=greedy_bad, ever_collapsed=ever)
         last = epoch + 1 == cfg.epochs
         stop_now = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
         if (epoch + 1) % cfg.save_every == 0 or last or stop_now:
@@ -648,28 +661,19 @@ def run(command: str, args) -> int:
     if stop_reason != "stop_after_epoch":
         _save_model(acc, model, tokenizer, out / "model", fmt, cfg, state)
     if acc.is_main_process:
-        info.update(steps_done=step, stopped=stop_reason, collapsed=collapsed, train_seconds=elapsed,
+        info.update(steps_done=step, stopped=stop_reason, collapsed=collapsed, ever_collapsed=ever,
+                    first_collapse_step=next((r["step"] for r in log_rows if r.get("collapse") == 1), None),
+                    degenerate_frac0=state.get("degenerate_frac0"), train_seconds=elapsed,
                     tokens=tokens_total, tokens_per_second=tokens_total / elapsed if elapsed > 0 else None,
                     peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                     retain_nll0=state["retain_nll0"], ref_cache_seconds=state.get("ref_cache_seconds"))
-        write_csv(out / "train_log.csv", _with_collapse(log_rows))
+        write_csv(out / "train_log.csv", log_rows)
         write_json(out / "run.json", info)
         print(f"[{command}] done: {step} steps in {elapsed:.1f}s"
               + (f" (stopped: {stop_reason})" if stop_reason else "") + f" -> {out}", flush=True)
     acc.wait_for_everyone()
     acc.end_training()
     return 0
-
-
-def _with_collapse(rows):
-    """Fill the cumulative ``collapse`` flag (NLL criterion per step, greedy criterion per epoch)."""
-    flag = 0
-    for r in rows:
-        if "collapse_nll" not in r:
-            continue
-        flag = max(flag, int(r.get("collapse_nll", 0)), int(r.get("collapse", 0) or 0))
-        r["collapse"] = flag
-    return rows
 
 
 def _save_model(acc, model, tokenizer, path: Path, fmt, cfg, state):
