@@ -386,7 +386,7 @@ TUNING = {
     ("divergence", "transformer"): dict(steps=600, lr=1e-4, optimizer="gd", methods=("ga", "npo"), n_records=30,
                                         linear_records=0, lr_scale=(("npo", 20.0),)),
     ("*", "tabular", "quick"): dict(n_retain=5000, n_forget1=2500, n_forget2=2500, steps=200, lr=0.1, linear_records=25),
-    ("divergence", "tabular", "quick"): dict(steps=1000, lr=1.0, n_records=30, linear_records=0),
+    ("divergence", "tabular", "quick"): dict(steps=3000, lr=1.0, n_records=30, linear_records=0),  # laws are asymptotic
     ("*", "transformer", "quick"): dict(n_retain=2000, n_forget1=1000, n_forget2=1000, steps=100, lr=3e-4, eval_max=300,
                                         n_records=10, linear_records=10,
                                         transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=2)),
