@@ -42,6 +42,8 @@ MINI_METHODS = ("ga", "ga_rt", "ga_kl", "idk_rt", "npo", "npo_rt", "npo_kl", "si
 LM_COLUMNS = ("split", "method", "step", "param_distance", "forget_logp_sum", "forget_logp_token")
 TABLE_COLUMNS = ("split", "method", "target_mu", "mu_threshold", "best_fq", "best_epoch", "mu_at_best",
                  "last_epoch", "fq_last", "mu_last", "max_fq_any_mu")
+#: a hand-written section of figures/<study>/results.md that a re-run keeps
+NOTES_HEADING = "## Reading these results"
 #: small report files copied into figures/<study>/
 REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_curves.csv", "lm_curves.csv",
                 "summary.json", "side_by_side.png", "results.md", "timings.json")
@@ -508,7 +510,9 @@ def study_main(args) -> int:
 
     fits = plot_side_by_side(th, mk, report_dir / "lm_curves.csv", report_dir / "side_by_side.png")
     timings["report"] = time.time() - t0
-    timings["total (this invocation)"] = time.time() - t_all
+    # wall time summed over invocations (a resumed study adds to it)
+    timings["study wall, all invocations"] = (timings.pop("total (this invocation)", 0.0)
+                                             + timings.get("study wall, all invocations", 0.0) + time.time() - t_all)
     write_json(timings_path, timings)
     table = pd.DataFrame(summary["best_fq"], columns=list(TABLE_COLUMNS))
     tsum = load_target_evals(targets)
@@ -520,7 +524,12 @@ def study_main(args) -> int:
         dest = Path(args.figures) / f"tofu_{args.preset}"
         for name in REPORT_FILES:
             if (report_dir / name).is_file():
-                write_bytes(dest / name, (report_dir / name).read_bytes())
+                data = (report_dir / name).read_bytes()
+                old = dest / name
+                if name == "results.md" and old.is_file() and NOTES_HEADING in old.read_text():
+                    # keep the hand-written notes of a committed results.md
+                    data += ("\n" + NOTES_HEADING + old.read_text().split(NOTES_HEADING, 1)[1]).encode()
+                write_bytes(dest / name, data)
         print(f"copied the report into {dest}")
     print(table_markdown(table))
     print(f"study done in {time.time() - t_all:.0f} s -> {report_dir}")
