@@ -47,16 +47,23 @@ def _synthetic(alpha: float) -> Callable[[Path, Path, bool], dict]:
     def run(run_dir: Path, fig_dir: Path, smoke: bool) -> dict:
         from .mixture import SyntheticConfig, run_synthetic
 
-        cfg = SyntheticConfig(alpha=alpha, seeds=2, compare_pretrain=False) if smoke else SyntheticConfig(alpha=alpha)
+        cfg = SyntheticConfig(alpha=alpha, seeds=1, steps=400, compare_pretrain=False) if smoke \
+            else SyntheticConfig(alpha=alpha)
         return run_synthetic(cfg, run_dir, fig_dir)
     return run
+
+
+#: smoke-test overrides of the Markov quick presets (few steps, the methods the claims read)
+MARKOV_SMOKE = {"tabular": dict(steps=100, methods=("ga", "npo", "simnpo")),
+                "transformer": dict(steps=20, methods=("ga", "npo"))}
 
 
 def _markov(preset: str, model: str = "tabular") -> Callable[[Path, Path, bool], dict]:
     def run(run_dir: Path, fig_dir: Path, smoke: bool) -> dict:
         from .markov import run_markov
 
-        return run_markov(preset, model, quick=True, out_dir=run_dir, figures_dir=fig_dir)
+        return run_markov(preset, model, quick=True, out_dir=run_dir, figures_dir=fig_dir,
+                          **(MARKOV_SMOKE[model] if smoke else {}))
     return run
 
 
