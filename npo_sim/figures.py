@@ -185,8 +185,23 @@ def _finding_rows(s: dict, alpha: float) -> list[Claim]:
         verdict = _verdict(f.get("holds"))
         if f.get("holds") is None and key == "start_point":
             verdict = "n/a (stated for α=1)"
+        partial = PARTIAL_CHECKS.get(key, lambda f: False)(f)
+        if f.get("holds") is False and partial:
+            verdict = PARTLY
         out.append(Claim(f"§4 synthetic (α={alpha:g}): {f['claim']}", measured, verdict, fig))
     return out
+
+
+#: when a finding fails as stated, the weaker reading under which it partly holds
+PARTIAL_CHECKS = {
+    # some (not all) of GA / GA+RT diverge
+    "ga_retain_diverges": lambda f: any(v["diverges"] for v in f["measured"].values()),
+    # like-for-like: NPO beats GA and NPO+RT beats GA+RT, though not all four strictly ordered
+    "npo_better_tradeoff": lambda f: bool(f.get("paired_comparison")) and all(f["paired_comparison"].values()),
+    # reached in some seeds by the horizon
+    "forget_below_threshold": lambda f: any(not v.startswith("0/") for k, v in f.get("seeds_reaching_by_horizon", {}).items()
+                                            if k != "idk_rt"),
+}
 
 
 def _describe_finding(key: str, f: dict) -> str:
@@ -195,15 +210,19 @@ def _describe_finding(key: str, f: dict) -> str:
         return f"start (forget {m['forget_distance']:.3f}, retain {m['retain_distance']:.3f}); paper (1.70, 0.02)"
     if key == "forget_below_threshold":
         steps = ", ".join(f"{k}:{'—' if v is None else v}" for k, v in f["first_step"].items())
-        return f"first step < {f['threshold']:g} (seed mean): {steps}"
+        seeds = ", ".join(f"{k} {v}" for k, v in f.get("seeds_reaching_by_horizon", {}).items())
+        return (f"first step < {f['threshold']:g} (seed mean): {steps}; seeds reaching it by step "
+                f"{f['horizon']}: {seeds}")
     if key == "ga_retain_diverges":
-        return "; ".join(f"{k}: retain {v['start']:.3g}→{v['half_way']:.3g}→{v['end']:.3g}" for k, v in f["measured"].items())
+        return "; ".join(f"{k}: retain {v['start']:.3g}→{v['half_way']:.3g}→{v['end']:.3g} "
+                         f"({v['end'] / v['min']:.1f}× its minimum; criterion ≥ 10×)" for k, v in f["measured"].items())
     if key == "npo_better_tradeoff":
         if f.get("level") is None:
             return "no common forget level reached"
         r = f["retain_at_level"]
+        paired = ", ".join(f"{k}: {v}" for k, v in f.get("paired_comparison", {}).items())
         return (f"retain distance when forget first < {f['level']:g}: "
-                + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if v is not None))
+                + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if v is not None) + f"; pairwise {paired}")
     return json.dumps(f)[:200]
 
 
@@ -241,18 +260,78 @@ def _length_verdict(f: dict) -> str:
     return HOLDS if gap("npo") > gap("simnpo") else FAILS
 
 
+NPO_FAMILY = {"npo", "npo_rt", "npo_kl", "simnpo", "simnpo_rt"}
+GA_FAMILY = {"ga", "ga_rt", "ga_kl"}
+
+
 def _tofu_claims(fig_dir: Path) -> list[Claim]:
-    s_path = fig_dir / "tofu_mini" / "summary.json"
-    if not s_path.exists():
+    """TOFU findings at mini scale, from the committed ``tofu_mini/`` study outputs (``npo-tofu study``)."""
+    mini = fig_dir / "tofu_mini"
+    if not (mini / "summary.json").exists():
         return [Claim("TOFU at mini scale: NPO-based methods reach better forget quality at kept model utility than "
                       "GA-based ones", "not run yet: `make tofu-mini`", NA, "tofu_mini/")]
-    s = json.loads(s_path.read_text())
-    out = []
-    for c in s.get("claims", []):
-        out.append(Claim(c["claim"], c["measured"], c["verdict"], c.get("figure", "tofu_mini/")))
-    if not out:
-        out.append(Claim("TOFU at mini scale", json.dumps(s.get("best_fq", s))[:300], NA, "tofu_mini/"))
-    return out
+    import numpy as np
+    import pandas as pd
+
+    from .metrics import linear_fit, log_fit
+
+    s = json.loads((mini / "summary.json").read_text())
+    model = s.get("settings", {}).get("model", "?")
+    best = pd.DataFrame(s["best_fq"])
+    tag = f"TOFU mini ({model})"
+    fig = "tofu_mini/fq_mu_trajectories.png"
+    rows = []
+
+    ga = best[best.method == "ga"]
+    rel = (ga.mu_last / ga.target_mu).tolist()
+    rows.append(Claim(f"{tag}: GA without a retain term destroys model utility",
+                      "; ".join(f"{r.split}: MU {r.target_mu:.3f}→{r.mu_last:.3f}" for r in ga.itertuples()),
+                      _verdict(bool(rel) and max(rel) < 0.1) if rel else NA, fig))
+
+    pairs = []
+    for r in best.itertuples():
+        for n, g in (("npo_rt", "ga_rt"), ("npo_kl", "ga_kl")):
+            if r.method == n:
+                other = best[(best.split == r.split) & (best.method == g)]
+                if len(other):
+                    pairs.append((r.split, n, r.fq_last, g, float(other.fq_last.iloc[0])))
+    wins = [p[2] > p[4] for p in pairs]
+    rows.append(Claim(f"{tag}: NPO+RT / NPO+KL end with higher forget quality than GA+RT / GA+KL",
+                      "; ".join(f"{sp} {n} {a:.2g} vs {g} {b:.2g}" for sp, n, a, g, b in pairs) or "n/a",
+                      NA if not wins else HOLDS if all(wins) else PARTLY if any(wins) else FAILS, fig))
+
+    q = best.dropna(subset=["best_fq"])
+    per_split = {sp: g.sort_values("best_fq").iloc[-1] for sp, g in q.groupby("split")}
+    npo_best = [r.method in NPO_FAMILY for r in per_split.values()]
+    missing = sorted(set(best.split) - set(per_split))
+    rows.append(Claim(f"{tag}: the best FQ at MU ≥ {s.get('mu_fraction', 0.9):g} × target MU comes from an NPO-based "
+                      "method",
+                      "; ".join(f"{sp}: {r.method} FQ {r.best_fq:.2g} (MU {r.mu_at_best:.3f})"
+                                for sp, r in per_split.items())
+                      + "".join(f"; {sp}: no run kept MU above the threshold" for sp in missing),
+                      NA if not npo_best else HOLDS if all(npo_best) and not missing else
+                      PARTLY if any(npo_best) else FAILS, "tofu_mini/best_fq.md"))
+
+    lm = pd.read_csv(mini / "lm_curves.csv")
+    split = sorted(lm.split.unique())[-1]
+    fits, ends = {}, {}
+    for m in ("ga", "npo"):
+        d = lm[(lm.split == split) & (lm.method == m)]
+        if len(d) >= 3:
+            t, y = d.step.to_numpy(float), d.param_distance.to_numpy()
+            fits[m] = (linear_fit(t, y).r2, log_fit(t, y).r2)
+            ends[m] = float(y[-1])
+    if len(fits) == 2:
+        laws = fits["ga"][0] > fits["ga"][1] and fits["npo"][1] > fits["npo"][0]
+        ok = HOLDS if laws and ends["ga"] > 2 * ends["npo"] else PARTLY if ends["ga"] > 2 * ends["npo"] else FAILS
+        meas = (f"{split}: final ‖θ−θ_0‖ GA {ends['ga']:.3g} vs NPO {ends['npo']:.3g}; R² linear/log: "
+                f"GA {fits['ga'][0]:.3f}/{fits['ga'][1]:.3f}, NPO {fits['npo'][0]:.3f}/{fits['npo'][1]:.3f} "
+                "(lr decays linearly to 0, which bends both curves)")
+    else:
+        ok, meas = NA, "lm_curves.csv lacks GA and NPO runs"
+    rows.append(Claim(f"{tag}: divergence law on the LM (GA linear, NPO logarithmic in the step)", meas, ok,
+                      "side_by_side.png"))
+    return rows
 
 
 CLAIM_BUILDERS = {
