@@ -23,8 +23,15 @@ figures: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# TOFU data: ../shared/tofu/data unless NPO_TOFU_DIR is set. ~20 min on a 2-core CPU (the committed run).
+NPO_TOFU_DIR ?= $(abspath ../shared/tofu/data)
+export NPO_TOFU_DIR
+
 tofu-mini: $(STAMP)
-	$(BIN)/npo-tofu study --preset mini --out runs/tofu-mini --figures figures
+	$(BIN)/npo-tofu study --preset mini --model tiny-llama:1m --forget mini-forget10,mini-forget50 \
+	  --epochs 5 --finetune-epochs 20 --eval-ds-size 40 --eval-max-new-tokens 32 --threads 1 --jobs 2 \
+	  --out runs/tofu-mini --figures figures
+	$(BIN)/npo-sim figures --out figures
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
