@@ -374,8 +374,8 @@ def plan_study(args) -> tuple[list[dict], dict]:
             stages.append({
                 "name": f"unlearn {f} {m}", "kind": "unlearn", "group": 3, "out": d, "done": (d / "run.json").is_file(),
                 "resume": (d / "config.json").is_file(),
-                "cmd": launcher + ["-m", "full_scale.report", "--eval-batch-size", str(args.eval_batch_size),
-                                   "--eval-max-new-tokens", str(settings["eval_max_new_tokens"]), "--",
+                "cmd": launcher + ["-m", "full_scale.cli", "unlearn", "--eval-batch-size", str(args.eval_batch_size),
+                                   "--eval-max-new-tokens", str(settings["eval_max_new_tokens"]),
                                    "--model", str(target / "model"), "--forget", f, "--retain", r, "--method", m,
                                    "--out", str(d), "--eval-every-epoch", "--eval-ds-size", str(settings["eval_ds_size"]),
                                    "--retain-log", str(oracle_log), *ul]})
@@ -534,32 +534,3 @@ def study_main(args) -> int:
     print(table_markdown(table))
     print(f"study done in {time.time() - t_all:.0f} s -> {report_dir}")
     return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# python -m full_scale.report [--eval-batch-size N] [--eval-max-new-tokens N] -- UNLEARN ARGS
-# (npo-tofu unlearn with the evaluation settings evaluate_epoch reads but the unlearn CLI does not expose)
-# --------------------------------------------------------------------------------------------------
-def _unlearn_with_eval(argv: list[str]) -> int:
-    from . import train
-
-    pre = argparse.ArgumentParser(prog="python -m full_scale.report")
-    pre.add_argument("--eval-batch-size", type=int, default=None)
-    pre.add_argument("--eval-max-new-tokens", type=int, default=None)
-    split = argv.index("--") if "--" in argv else len(argv)
-    extra = pre.parse_args(argv[:split])
-    p = argparse.ArgumentParser(prog="npo-tofu unlearn")
-    train.add_unlearn_arguments(p)
-    args = p.parse_args(argv[split + 1:])
-    for k in ("eval_batch_size", "eval_max_new_tokens"):
-        if getattr(args, k, None) is None:
-            setattr(args, k, getattr(extra, k))
-    try:
-        return int(train.unlearn_main(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as exc:
-        print(f"npo-tofu unlearn: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_unlearn_with_eval(sys.argv[1:]))

@@ -152,7 +152,10 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     # per-epoch evaluation hook, implemented in full_scale.evaluate.evaluate_epoch
     p.add_argument("--eval-every-epoch", action="store_true",
                    help="evaluate (full_scale.evaluate.evaluate_epoch) after every epoch")
-    p.add_argument("--eval-ds-size", type=int, default=None, help="examples per eval split (default: all)")
+    p.add_argument("--eval-ds-size", type=int, default=None, help="questions per eval set (default: TOFU's 300)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="per-epoch eval batch (default 16)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None,
+                   help="greedy answer length for the per-epoch ROUGE (default 128)")
     p.add_argument("--retain-log", default=None,
                    help="retain model's TOFU-format eval log, for forget quality in the per-epoch eval")
     _common_arguments(p)
