@@ -3,7 +3,9 @@ comparison) and figures included. Goal: under 30 s on 2 cores.
 
     .venv/bin/python bench/bench_synthetic.py [--seeds 5] [--pretrain newton]
 
-Prints a line per α and writes bench/results/synthetic.json. Wall time on a shared machine is noisy;
+Prints a line per α and writes bench/results/synthetic.json. The unlearning loop is single-threaded
+(its matrices are tiny), so on 2 cores the two α run best as two processes: the headline number runs
+them concurrently; the sequential one-process time is measured in the same run. Wall time on a shared machine is noisy;
 the CPU time (process_time) and the load average are recorded next to it.
 """
 
@@ -25,6 +27,22 @@ from npo_sim.mixture import ALPHAS, SyntheticConfig, run_synthetic  # noqa: E402
 from npo_sim.runio import write_json  # noqa: E402
 
 
+def _one(alpha: float, seeds: int, pretrain: str, tmp: str) -> dict:
+    torch.set_num_threads(1)
+    cfg = SyntheticConfig(alpha=alpha, seeds=seeds, pretrain=pretrain)
+    s = run_synthetic(cfg, Path(tmp) / f"alpha{alpha:g}")
+    return {"timing_s": s["timing_s"], "methods": len(cfg.methods), "steps": cfg.steps, "seeds": cfg.seeds}
+
+
+def _parallel(seeds: int, pretrain: str) -> float:
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(len(ALPHAS)) as pool:
+        list(pool.map(_one, ALPHAS, [seeds] * len(ALPHAS), [pretrain] * len(ALPHAS), [tmp] * len(ALPHAS)))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
@@ -32,6 +50,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     load0 = os.getloadavg()
+    wall_parallel = _parallel(args.seeds, args.pretrain)
+    print(f"both alpha as 2 concurrent processes: {wall_parallel:.1f} s wall (goal < 30 s)")
     t0, c0 = time.perf_counter(), time.process_time()
     per_alpha = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,14 +67,14 @@ def main() -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     result = {
         "benchmark": "npo-sim synthetic, both alpha, all methods, pretraining + GD comparison + figures",
-        "goal_s": 30.0, "wall_s": wall, "cpu_s": cpu, "per_alpha": per_alpha,
+        "goal_s": 30.0, "wall_s_two_processes": wall_parallel, "wall_s_sequential": wall, "cpu_s_sequential": cpu, "per_alpha": per_alpha,
         "seeds": args.seeds, "pretrain": args.pretrain,
         "machine": {"cpus": os.cpu_count(), "torch_threads": 1, "python": platform.python_version(),
                     "torch": torch.__version__, "loadavg_before": load0, "loadavg_after": os.getloadavg()},
     }
     out = Path(__file__).resolve().parent / "results" / "synthetic.json"
     write_json(out, result)
-    print(f"both alpha: {wall:.1f} s wall, {cpu:.1f} s CPU (goal < 30 s); load {load0[0]:.1f} -> "
+    print(f"both alpha, sequential in one process: {wall:.1f} s wall, {cpu:.1f} s CPU; load {load0[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}; wrote {out}")
 
 
