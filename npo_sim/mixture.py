@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import unlearn
-from .losses import DPO_SCALE, OBJECTIVES, get_objective
+from .losses import DPO_SCALE, OBJECTIVES, get_objective, kl
 from .runio import UserError, write_csv, write_json
 
 ALPHAS = (1.0, 0.0)
@@ -294,10 +294,10 @@ PRETRAINERS = {
 # exact KL between 2-class logistic models
 # --------------------------------------------------------------------------------------------------
 def binary_kl(logit_p: Tensor, logit_q: Tensor) -> Tensor:
-    """Elementwise ``KL(Bern(σ(a)) ‖ Bern(σ(b)))``, exact and stable for any finite logits."""
-    lp1, lp0 = F.logsigmoid(logit_p), F.logsigmoid(-logit_p)
-    lq1, lq0 = F.logsigmoid(logit_q), F.logsigmoid(-logit_q)
-    return lp1.exp() * (lp1 - lq1) + lp0.exp() * (lp0 - lq0)
+    """Elementwise ``KL(Bern(σ(a)) ‖ Bern(σ(b)))``: the library's :func:`npo_sim.losses.kl` on the
+    2-class logits ``[0, a]`` (reference) and ``[0, b]``, kept per element (no reduction)."""
+    two = lambda z: torch.stack([torch.zeros_like(z), z], -1)  # noqa: E731
+    return kl(two(logit_q), two(logit_p), batch_dims=logit_p.ndim)
 
 
 def mean_binary_kl(logit_p: Tensor, logit_q: Tensor) -> Tensor:
