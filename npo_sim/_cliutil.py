@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from .runio import UserError
+from .unlearn import NonFiniteLoss
 
 
 def build_and_run(prog: str, description: str, commands: Mapping[str, tuple[str, str]], argv=None) -> int:
@@ -39,8 +40,6 @@ def build_and_run(prog: str, description: str, commands: Mapping[str, tuple[str,
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # e.g. NonFiniteLoss: a diverged run
-        if type(exc).__name__ in {"NonFiniteLoss"}:
-            print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
-            return 3
-        raise
+    except NonFiniteLoss as exc:  # a diverged run
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 3
