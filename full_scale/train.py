@@ -42,6 +42,7 @@ import torch
 
 from npo_sim.losses import FORGET_TERMS, get_objective, nll, npo_weight
 from npo_sim.runio import UserError, write_csv, write_json
+from npo_sim.unlearn import NonFiniteLoss
 
 from . import data as D
 from .logprobs import forward_logits, sequence_logprobs, token_logits
@@ -584,6 +585,9 @@ def run(command: str, args) -> int:
                 ids, weight_n = (part, len(part)) if part else (step_ids[:1], 0)  # empty part: weight 0
                 with acc.accumulate(model):
                     loss, st, tok = task.micro(model, ids, epoch, pad_id)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"{command}: loss became non-finite at step {step} (epoch {epoch}); "
+                                            f"lower --lr (now {cfg.lr:g})")
                     acc.backward(loss * (weight_n * world * cfg.grad_accum / len(step_ids)))
                     opt.step()
                     opt.zero_grad(set_to_none=True)

@@ -222,6 +222,16 @@ def test_collapse_detector_flags_and_stops(base, tofu_data_dir, tmp_path):
     assert (tmp_path / "c" / "model" / "model.safetensors").is_file()  # the collapsed model is kept for inspection
 
 
+def test_nan_divergence_is_a_one_line_error_exit_3(base, tofu_data_dir, tmp_path, capsys):
+    argv = ["unlearn", "--preset", "mini", "--data-dir", str(tofu_data_dir), "--model", base, "--method", "npo_rt",
+            "--out", str(tmp_path / "nan"), "--epochs", "1", "--batch-size", "8", "--lr", "1e6",
+            "--warmup-epochs", "0", *FAST]
+    assert cli(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0]
+    assert not (tmp_path / "nan" / "run.json").exists() and not (tmp_path / "nan" / "model").exists()
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def _copy_with(tofu_data_dir, tmp_path, name, text):
     d = tmp_path / f"data-{name}"
