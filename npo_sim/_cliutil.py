@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from .runio import UserError
-from .unlearn import NonFiniteLoss
+from .runio import NonFiniteLoss
 
 
 def build_and_run(prog: str, description: str, commands: Mapping[str, tuple[str, str]], argv=None) -> int:

@@ -39,6 +39,7 @@ DPO_SCALE = "2/beta"
 __all__ = [
     "ga", "npo", "npo_weight", "simnpo", "dpo", "nll", "kl",
     "Objective", "LossTerms", "OBJECTIVES", "FORGET_TERMS", "RETAIN_TERMS", "get_objective",
+    "methods", "paper_table1", "label", "color",
     "INPUT_KEYS", "DPO_SCALE",
 ]
 
@@ -167,22 +168,35 @@ INPUT_KEYS = {
 
 @dataclass(frozen=True)
 class _Term:
+    """One forget or retain term: its function and the facts every setting reads about it."""
+
     fn: Callable[[Mapping[str, Tensor], "Objective"], Tensor]
     needs: frozenset[str]
     description: str
+    #: family of the forget term ("ga", "npo", "idk", "dpo"); claims such as "NPO-based methods ..." read it
+    family: str = ""
+    #: whether the term is parametrised by β (GA and the IDK/NLL terms are not)
+    uses_beta: bool = False
+    #: how a sequence setting turns per-token log-probs into ``logp``: ``"sum"`` (the summed
+    #: log-likelihood, for terms compared with a reference or normalised by length) or ``"token_mean"``
+    #: (follows the setting's NLL reduction, e.g. ``npo-tofu --ga-reduction``, per-example token mean by default)
+    reduction: str = "token_mean"
 
 
 FORGET_TERMS: dict[str, _Term] = {
-    "ga": _Term(lambda x, o: ga(x["logp"]), frozenset({"logp"}), "gradient ascent"),
+    "ga": _Term(lambda x, o: ga(x["logp"]), frozenset({"logp"}), "gradient ascent", family="ga"),
     "npo": _Term(lambda x, o: npo(x["logp"], x["logp_ref"], o.beta),
-                 frozenset({"logp", "logp_ref"}), "negative preference optimization"),
+                 frozenset({"logp", "logp_ref"}), "negative preference optimization",
+                 family="npo", uses_beta=True, reduction="sum"),
     "simnpo": _Term(lambda x, o: simnpo(x["logp"], x["length"], o.beta, o.gamma),
-                    frozenset({"logp", "length"}), "SimNPO (reference-free, length-normalised)"),
+                    frozenset({"logp", "length"}), "SimNPO (reference-free, length-normalised)",
+                    family="npo", uses_beta=True, reduction="sum"),
     "idk": _Term(lambda x, o: nll(x["idk_logp"]), frozenset({"idk_logp"}),
-                 "fit 'I don't know' answers on forget questions"),
+                 "fit 'I don't know' answers on forget questions", family="idk"),
     "dpo": _Term(lambda x, o: dpo(x["idk_logp"], x["logp"], x["idk_logp_ref"], x["logp_ref"], o.beta),
                  frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref"}),
-                 "DPO with the IDK answer as winner and the forget answer as loser"),
+                 "DPO with the IDK answer as winner and the forget answer as loser",
+                 family="dpo", uses_beta=True, reduction="sum"),
 }
 
 def _replica_dims(x: Mapping[str, Tensor]) -> int:
@@ -223,6 +237,13 @@ class Objective:
     gamma: float = 0.0
     retain_weight: float = 1.0
     description: str = field(default="", compare=False)
+    #: display label and colour, shared by every plot and table
+    label: str = field(default="", compare=False)
+    color: str = field(default="#333333", compare=False)
+    #: row of this method in the NPO paper's Table 1 (the §4 synthetic experiment); None if it is not there
+    paper_row: int | None = field(default=None, compare=False)
+    #: the standard method sets this objective belongs to (see :data:`METHOD_SETS`)
+    tags: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         if self.forget not in FORGET_TERMS:
@@ -245,6 +266,25 @@ class Objective:
         return frozenset(out)
 
     @property
+    def family(self) -> str:
+        """Family of the forget term: ``"ga"``, ``"npo"`` (NPO and SimNPO), ``"idk"`` or ``"dpo"``."""
+        return FORGET_TERMS[self.forget].family
+
+    @property
+    def uses_beta(self) -> bool:
+        """Whether β changes this objective (GA, GA+RT, IDK+RT have none)."""
+        return FORGET_TERMS[self.forget].uses_beta
+
+    @property
+    def sequence_reduction(self) -> str:
+        """``"sum"`` or ``"token_mean"``: how a sequence setting reduces token log-probs into ``logp``."""
+        return FORGET_TERMS[self.forget].reduction
+
+    @property
+    def retain_free(self) -> bool:
+        return not self.retain
+
+    @property
     def uses_reference(self) -> bool:
         return bool(self.needs & {"logp_ref", "idk_logp_ref", "retain_ref_logits"})
 
@@ -262,26 +302,54 @@ class Objective:
         return LossTerms(f + self.retain_weight * r, f, r)
 
 
-def _obj(name: str, forget: str, *retain: str, **hp) -> tuple[str, Objective]:
+def _obj(name: str, forget: str, *retain: str, label: str, color: str, tags: str = "",
+         paper_row: int | None = None, **hp) -> tuple[str, Objective]:
     desc = FORGET_TERMS[forget].description + "".join(f" + {RETAIN_TERMS[r].description}" for r in retain)
-    return name, Objective(name, forget, tuple(retain), description=desc, **hp)
+    return name, Objective(name, forget, tuple(retain), description=desc, label=label, color=color,
+                           paper_row=paper_row, tags=frozenset(tags.split()), **hp)
 
 
-#: The registry. Pick objectives by name; never branch on names.
+#: The registry: every fact about a method lives in its entry. Pick objectives by name; never branch on
+#: names. The order is the display order. Tags: ``synthetic`` = run by default in the §4 mixture study,
+#: ``tofu-mini`` = run by default in the tofu-mini study.
 OBJECTIVES: dict[str, Objective] = dict([
-    _obj("ga", "ga"),
-    _obj("ga_rt", "ga", "nll"),
-    _obj("ga_kl", "ga", "kl"),
-    _obj("idk_rt", "idk", "nll"),
-    _obj("dpo", "dpo"),
-    _obj("dpo_rt", "dpo", "nll"),
-    _obj("dpo_kl", "dpo", "kl"),
-    _obj("npo", "npo"),
-    _obj("npo_rt", "npo", "nll"),
-    _obj("npo_kl", "npo", "kl"),
-    _obj("simnpo", "simnpo", beta=2.5),
-    _obj("simnpo_rt", "simnpo", "nll", beta=2.5),
+    _obj("ga", "ga", label="GA", color="#d62728", paper_row=1, tags="synthetic tofu-mini"),
+    _obj("ga_rt", "ga", "nll", label="GA+RT", color="#ff7f0e", paper_row=2, tags="synthetic tofu-mini"),
+    _obj("ga_kl", "ga", "kl", label="GA+KL", color="#e377c2", tags="synthetic tofu-mini"),
+    _obj("npo", "npo", label="NPO", color="#1f77b4", paper_row=4, tags="synthetic tofu-mini"),
+    _obj("npo_rt", "npo", "nll", label="NPO+RT", color="#2ca02c", paper_row=5, tags="synthetic tofu-mini"),
+    _obj("npo_kl", "npo", "kl", label="NPO+KL", color="#17becf", tags="synthetic tofu-mini"),
+    _obj("simnpo", "simnpo", label="SimNPO", color="#393b79", tags="synthetic tofu-mini", beta=2.5),
+    _obj("simnpo_rt", "simnpo", "nll", label="SimNPO+RT", color="#637939", beta=2.5),
+    _obj("idk_rt", "idk", "nll", label="IDK+RT", color="#7f7f7f", paper_row=3, tags="synthetic tofu-mini"),
+    _obj("dpo", "dpo", label="DPO", color="#8c564b"),
+    _obj("dpo_rt", "dpo", "nll", label="DPO+RT", color="#bcbd22", paper_row=6, tags="synthetic"),
+    _obj("dpo_kl", "dpo", "kl", label="DPO+KL", color="#9467bd"),
 ])
+
+
+def methods(tag: str | None = None, *, retain_free: bool | None = None, family: str | None = None) -> tuple[str, ...]:
+    """Registered method names in display order, optionally only those with ``tag`` / of ``family`` /
+    with (``retain_free=False``) or without (``True``) a retain term."""
+    return tuple(n for n, o in OBJECTIVES.items()
+                 if (tag is None or tag in o.tags) and (family is None or o.family == family)
+                 and (retain_free is None or o.retain_free == retain_free))
+
+
+def paper_table1() -> tuple[str, ...]:
+    """The methods of the NPO paper's Table 1 (§4 synthetic), in the paper's row order."""
+    rows = sorted((o.paper_row, n) for n, o in OBJECTIVES.items() if o.paper_row is not None)
+    return tuple(n for _, n in rows)
+
+
+def label(name: str) -> str:
+    """Display label of a registered method (the name itself for anything else)."""
+    return OBJECTIVES[name].label if name in OBJECTIVES else name
+
+
+def color(name: str) -> str:
+    """Plot colour of a registered method (dark grey for anything else)."""
+    return OBJECTIVES[name].color if name in OBJECTIVES else "#333333"
 
 
 def get_objective(name: str, **hyperparameters) -> Objective:

@@ -24,6 +24,10 @@ class UserError(Exception):
     """Bad input (unknown method, bad hyperparameter, missing data...). CLIs print it on one line and exit 2."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """Raised when the loss or a gradient becomes NaN/inf (a diverged run). CLIs print it on one line and exit 3."""
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,10 @@ import torch
 from torch import Tensor
 
 from .losses import Objective, npo_weight
+from .runio import NonFiniteLoss  # noqa: F401  (re-exported: raised by run())
 
 #: θ-dependent input -> the name of its cached reference counterpart
 REFERENCE_OF = {"logp": "logp_ref", "idk_logp": "idk_logp_ref", "retain_logits": "retain_ref_logits"}
-
-
-class NonFiniteLoss(RuntimeError):
-    """Raised when the loss or a gradient becomes NaN/inf (a diverged run)."""
 
 
 class Adapter(Protocol):
