@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from npo_sim.markov import PRESETS, run_markov
 from npo_sim.runio import write_json
+from npo_sim.settings.markov import PRESETS, STUDY, make_config
+from npo_sim.study import run_study
 
 OUT = Path(__file__).resolve().parent / "results" / "markov.json"
 BUDGET_S = {("tabular", True): 20.0, ("transformer", False): 300.0}
@@ -51,18 +52,21 @@ def main(argv=None) -> int:
     rows = []
 
     def save() -> None:  # after every run, so a long --full bench keeps what it measured
-        write_json(args.out, {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                                     "threads": args.threads, "python": sys.version.split()[0]},
-                         "note": "wall time includes data sampling, pretraining, unlearning every method, and "
-                                 "writing curves/summary/figure; the machine was shared with other jobs (see loadavg), so wall "
-                                 "time is inflated and cpu_s (this process's user+sys) is the better proxy",
-                         "runs": rows})
+        machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "threads": args.threads, "python": sys.version.split()[0]}
+        write_json(args.out, {"machine": machine,
+                              "note": "wall time (and study_s, the run's own timing.json) includes data sampling, "
+                                      "pretraining, unlearning every method, and writing curves/summary/claims/"
+                                      "figure; the machine was shared with other jobs (see loadavg), so wall time "
+                                      "is inflated and cpu_s (this process's user+sys) is the better proxy",
+                              "runs": rows})
 
     with tempfile.TemporaryDirectory() as tmp:
         for model, quick in runs:
             for preset in args.presets.split(","):
                 w0, c0 = time.perf_counter(), _cpu_s()
-                summary = run_markov(preset, model, quick, out_dir=Path(tmp) / f"{preset}-{model}-{quick}")
+                run = run_study(STUDY, make_config(preset, model, quick), Path(tmp) / f"{preset}-{model}-{quick}")
+                summary = run.results.summary
                 wall, cpu = time.perf_counter() - w0, _cpu_s() - c0
                 budget = BUDGET_S.get((model, quick))
                 row = {"preset": preset, "model": model, "quick": quick, "wall_s": round(wall, 2),
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
                        "within_budget": None if budget is None else wall < budget,
                        "within_budget_cpu": None if budget is None else cpu < budget,
                        "loadavg_1min_after": round(os.getloadavg()[0], 2),
-                       "timing_s": {k: round(v, 2) for k, v in summary["timing_s"].items()},
+                       "study_s": round(run.seconds, 2),
                        "diverged_at_step": summary["diverged_at_step"], "findings": summary["findings"]}
                 rows.append(row)
                 print(f"{preset:13s} {model:11s} quick={quick!s:5s} wall {wall:7.1f}s cpu {cpu:7.1f}s"

@@ -3,10 +3,12 @@ comparison) and figures included. Goal: under 30 s on 2 cores.
 
     .venv/bin/python bench/bench_synthetic.py [--seeds 5] [--pretrain newton]
 
-Prints a line per α and writes bench/results/synthetic.json. The unlearning loop is single-threaded
-(its matrices are tiny), so on 2 cores the two α run best as two processes: the headline number runs
-them concurrently; the sequential one-process time is measured in the same run. Wall time on a shared machine is noisy;
-the CPU time (process_time) and the load average are recorded next to it.
+Prints a line per α and writes bench/results/synthetic.json. Each α is one ``run_study`` (the same call
+``npo-sim synthetic`` makes), which prints its phase times (pretraining, unlearning) as it runs. The
+unlearning loop is single-threaded (its matrices are tiny), so on 2 cores the two α run best as two
+processes: the headline number runs them concurrently; the sequential one-process time is measured in the
+same run. Wall time on a shared machine is noisy; the CPU time (process_time) and the load average are
+recorded next to it.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npo_sim.mixture import ALPHAS, SyntheticConfig, run_synthetic  # noqa: E402
 from npo_sim.runio import write_json  # noqa: E402
+from npo_sim.settings.mixture import ALPHAS, STUDY, SyntheticConfig  # noqa: E402
+from npo_sim.study import run_study  # noqa: E402
 
 
 def _one(alpha: float, seeds: int, pretrain: str, tmp: str) -> dict:
+    """One α through run_study (figures included): wall and CPU seconds, and the run's size."""
     torch.set_num_threads(1)
     cfg = SyntheticConfig(alpha=alpha, seeds=seeds, pretrain=pretrain)
-    s = run_synthetic(cfg, Path(tmp) / f"alpha{alpha:g}")
-    return {"timing_s": s["timing_s"], "methods": len(cfg.methods), "steps": cfg.steps, "seeds": cfg.seeds}
+    t0, c0 = time.perf_counter(), time.process_time()
+    run_study(STUDY, cfg, Path(tmp) / f"alpha{alpha:g}", progress=True)
+    return {"timing_s": {"total": time.perf_counter() - t0, "cpu_total": time.process_time() - c0},
+            "methods": len(cfg.methods), "steps": cfg.steps, "seeds": cfg.seeds}
 
 
 def _parallel(seeds: int, pretrain: str) -> float:
@@ -56,18 +62,15 @@ def main() -> None:
     per_alpha = {}
     with tempfile.TemporaryDirectory() as tmp:
         for alpha in ALPHAS:
-            cfg = SyntheticConfig(alpha=alpha, seeds=args.seeds, pretrain=args.pretrain)
-            s = run_synthetic(cfg, Path(tmp) / f"alpha{alpha:g}")
-            per_alpha[f"{alpha:g}"] = {"timing_s": s["timing_s"], "methods": len(cfg.methods),
-                                       "steps": cfg.steps, "seeds": cfg.seeds}
-            t = s["timing_s"]
+            one = per_alpha[f"{alpha:g}"] = _one(alpha, args.seeds, args.pretrain, tmp)
+            t = one["timing_s"]
             print(f"alpha={alpha:g}: {t['total']:.1f} s wall, {t['cpu_total']:.1f} s CPU "
-                  f"(pretraining {t['pretraining']:.1f} s, unlearning {t['unlearning']:.1f} s, "
-                  f"{len(cfg.methods)} methods x {cfg.seeds} seeds x {cfg.steps} steps)")
+                  f"({one['methods']} methods x {one['seeds']} seeds x {one['steps']} steps)")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     result = {
         "benchmark": "npo-sim synthetic, both alpha, all methods, pretraining + GD comparison + figures",
-        "goal_s": 30.0, "wall_s_two_processes": wall_parallel, "wall_s_sequential": wall, "cpu_s_sequential": cpu, "per_alpha": per_alpha,
+        "goal_s": 30.0, "wall_s_two_processes": wall_parallel, "wall_s_sequential": wall, "cpu_s_sequential": cpu,
+        "per_alpha": per_alpha,
         "seeds": args.seeds, "pretrain": args.pretrain,
         "machine": {"cpus": os.cpu_count(), "torch_threads": 1, "python": platform.python_version(),
                     "torch": torch.__version__, "loadavg_before": load0, "loadavg_after": os.getloadavg()},

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npo_sim.logistic import TheoryConfig, expand_grid, make_data, simulate, simulate_group  # noqa: E402
 from npo_sim.runio import write_json  # noqa: E402
+from npo_sim.settings.logistic import TheoryConfig, expand_grid, simulate_grid, simulate_group  # noqa: E402
+from npo_sim.settings.logistic_data import make_data  # noqa: E402
 from npo_sim.unlearn import log_steps  # noqa: E402
 
 
@@ -61,14 +62,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     load0 = os.getloadavg()
 
-    cfg = TheoryConfig(steps=args.steps)
+    cfg = TheoryConfig(steps=args.steps, workers=args.workers)
     runs = expand_grid(cfg)
     n_configs, n_grid = len(runs), sum(r.role == "grid" for r in runs)
     print(f"grid: {n_configs} configs ({n_grid} grid + {n_configs - n_grid} flow-check) x {args.steps} steps, "
           f"methods {cfg.methods}, workers {args.workers}")
 
     t0 = time.perf_counter()
-    traj, _, timing = simulate(cfg, progress=print, workers=args.workers)
+    traj, _, timing = simulate_grid(cfg, progress=print)
     wall = time.perf_counter() - t0
     gd = sum(v["seconds"] for v in timing.values())
     print(f"batched: {wall:.1f}s wall ({gd:.1f}s summed over the {len(timing)} GD programs)")
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
             "extrapolation": f"mean per-step time of {len(naive)} configs (random, stratified by method) x "
                              f"{n_configs} configs x {args.steps} steps"},
         "per_config_reduced": {"what": "same loop on the exact reduced parameters (batching gain only)",
-                               "timed": reduced, "mean_per_step_s": reduced_step, "extrapolated_seconds": reduced_total},
+                               "timed": reduced, "mean_per_step_s": reduced_step,
+                               "extrapolated_seconds": reduced_total},
         "speedup_vs_naive": naive_total / wall,
         "speedup_vs_per_config_reduced": reduced_total / wall,
         "goal": "full default grid (>= 100 configs x 1e5 steps) under 60 s on 2 cores",

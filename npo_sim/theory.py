@@ -174,6 +174,6 @@ def npo_flow_margin(t, m0: float, c: float, eta: float, beta: float):
         lo = m0 - 1.0
         while npo_flow_time(lo, m0, c, eta, beta)[0] < ti:
             lo = m0 - 2.0 * (m0 - lo)
-        out[i] = optimize.brentq(lambda m: npo_flow_time(m, m0, c, eta, beta)[0] - ti, lo, m0,
+        out[i] = optimize.brentq(lambda m, ti=ti: npo_flow_time(m, m0, c, eta, beta)[0] - ti, lo, m0,
                                  xtol=1e-12, rtol=1e-12)
     return out

@@ -1,4 +1,4 @@
-"""Theorem-2 lab (npo_sim.logistic): measured rates on the --quick grid, the exact reduction, bad input."""
+"""Theorem-2 lab (npo_sim.settings.logistic): measured rates on the --quick grid, the exact reduction, bad input."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from npo_sim import cli, theory
-from npo_sim.logistic import Run, TheoryConfig, _tidy, expand_grid, make_data, simulate_group
 from npo_sim.plots.theory import FIGURES
 from npo_sim.runio import UserError
+from npo_sim.settings.logistic import Run, TheoryConfig, _tidy, expand_grid, simulate_group
+from npo_sim.settings.logistic_data import make_data
 from npo_sim.unlearn import log_steps
 
 
@@ -68,7 +69,7 @@ def test_quick_writes_outputs_and_short_table(quick):
 
 
 def test_ga_linear_and_npo_logarithmic(quick):
-    fits, s, cfg = quick["fits"], quick["summary"], quick["summary"]["config"]
+    fits, s = quick["fits"], quick["summary"]
     grid = fits[fits.role == "grid"]
     assert s["ga"]["linear_r2"] > 0.99 and grid[grid.method == "ga"].linear_r2.min() > 0.99
     for beta in (0.5, 1.0, 2.0):
@@ -223,7 +224,7 @@ TINY = ["--quick", "--n-f", "2", "--d", "4", "--betas", "1", "--etas", "1", "--f
 
 
 @pytest.mark.parametrize("extra, code, needle", [
-    (["--steps", "0"], 2, "--steps must be >= 1"),
+    (["--steps", "0"], 2, "steps must be >= 1"),
     (["--n-f", "8", "--d", "4", "--init", "random", "--check-orthogonality"], 2, "n_f=8 > d=4"),
     (["--methods", "ga,kto"], 2, "unknown or unsupported methods"),
     (["--steps", "50", "--etas", "1e308"], 3, "non-finite"),

@@ -1,4 +1,4 @@
-"""Markov-chain setting: chains, sampling, exact KLs, tabular MLE, minibatch alignment, presets, CLI."""
+"""Markov-chain setting: chains, sampling, exact KLs, tabular MLE, minibatch alignment, presets, claims, CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from npo_sim import cli, markov as M, unlearn
+from npo_sim import claims as C
+from npo_sim import cli, unlearn
 from npo_sim.losses import get_objective, kl
+from npo_sim.runio import UserError
+from npo_sim.settings import markov as M
+from npo_sim.settings import markov_chains as MC
+from npo_sim.settings import markov_findings as MF
+from npo_sim.study import run_study
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +27,8 @@ def _one_thread():
     yield
 
 
-def _chain_params(chain: M.Chain) -> list[torch.Tensor]:
-    rows = torch.log(M.rows_tensor(chain))
+def _chain_params(chain: MC.Chain) -> list[torch.Tensor]:
+    rows = torch.log(MC.rows_tensor(chain))
     return [rows[0].clone(), rows[1:].clone()]
 
 
@@ -31,7 +37,7 @@ def _chain_params(chain: M.Chain) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 def test_chain_entries_follow_the_definition():
     eps = 0.2
-    ch = M.make_chains(10, 3, eps)
+    ch = MC.make_chains(10, 3, eps)
     f1 = ch["forget1"]
     assert np.allclose(f1.trans.sum(1), 1) and np.isclose(f1.init.sum(), 1)
     assert np.allclose(f1.trans[3, [3, 4, 5]], (1 - eps) / 3)
@@ -43,8 +49,8 @@ def test_chain_entries_follow_the_definition():
 
 
 def test_sampled_transition_frequencies_match_chain_within_3_sigma():
-    chain = M.make_chains(10, 3, 0.2)["forget1"]
-    x = M.sample(chain, 20000, 20, np.random.default_rng(0))
+    chain = MC.make_chains(10, 3, 0.2)["forget1"]
+    x = MC.sample(chain, 20000, 20, np.random.default_rng(0))
     counts = np.zeros((10, 10))
     np.add.at(counts, (x[:, :-1].ravel(), x[:, 1:].ravel()), 1)
     n = counts.sum(1, keepdims=True)
@@ -62,45 +68,45 @@ def test_sampled_transition_frequencies_match_chain_within_3_sigma():
 # --------------------------------------------------------------------------------------------------
 def test_tabular_seq_logp_matches_brute_force_and_idk_closed_form():
     rng = np.random.default_rng(1)
-    model = M.TabularModel(10)
+    model = MC.TabularModel(10)
     params = [torch.randn(10, dtype=torch.float64), torch.randn(10, 10, dtype=torch.float64)]
-    x = M.sample(M.make_chains()["retain"], 7, 6, rng)
-    data = M.SeqSet.of(x)
+    x = MC.sample(MC.make_chains()["retain"], 7, 6, rng)
+    data = MC.SeqSet.of(x)
     li, lt = F.log_softmax(params[0], -1), F.log_softmax(params[1], -1)
     brute = [float(li[s[0]] + sum(lt[a, b] for a, b in zip(s[:-1], s[1:]))) for s in x]
     assert np.allclose(model.seq_logp(params, data).numpy(), brute)
-    idk = M.SeqSet.of(np.full((3, 5), 9))
+    idk = MC.SeqSet.of(np.full((3, 5), 9))
     assert np.allclose(model.seq_logp(params, idk).numpy(), float(li[9] + 4 * lt[9, 9]))
     assert math.isclose(float(model.retain_logp(params, data)[0]), float(np.mean(brute)), rel_tol=1e-12)
 
 
 def test_exact_kl_is_zero_at_the_chain_logits_and_positive_elsewhere():
-    chains = M.make_chains()
-    model = M.TabularModel(10)
+    chains = MC.make_chains()
+    model = MC.TabularModel(10)
     for ch in chains.values():
         p = _chain_params(ch)
-        assert abs(float(M.chain_kl(ch, F.log_softmax(model.row_logits(p), -1), 20))) < 1e-12
+        assert abs(float(MC.chain_kl(ch, F.log_softmax(model.row_logits(p), -1), 20))) < 1e-12
     other = _chain_params(chains["forget1"])
-    assert float(M.chain_kl(chains["retain"], F.log_softmax(model.row_logits(other), -1), 20)) > 0.1
+    assert float(MC.chain_kl(chains["retain"], F.log_softmax(model.row_logits(other), -1), 20)) > 0.1
 
 
 def test_closed_form_chain_kl_matches_monte_carlo():
-    chain = M.make_chains(10, 3, 0.2)["retain"]
-    model = M.TabularModel(10)
+    chain = MC.make_chains(10, 3, 0.2)["retain"]
+    model = MC.TabularModel(10)
     g = torch.Generator().manual_seed(3)
     q = [torch.randn(10, generator=g, dtype=torch.float64), torch.randn(10, 10, generator=g, dtype=torch.float64)]
     L, n = 12, 40000
-    data = M.SeqSet.of(M.sample(chain, n, L, np.random.default_rng(4)))
+    data = MC.SeqSet.of(MC.sample(chain, n, L, np.random.default_rng(4)))
     per_seq = (model.seq_logp(_chain_params(chain), data) - model.seq_logp(q, data)).numpy() / L
-    exact = float(M.chain_kl(chain, F.log_softmax(model.row_logits(q), -1), L))
+    exact = float(MC.chain_kl(chain, F.log_softmax(model.row_logits(q), -1), L))
     se = per_seq.std() / math.sqrt(n)
     assert abs(per_seq.mean() - exact) < 4 * se, (per_seq.mean(), exact, se)
     assert se < 0.02 * exact  # the check has teeth
 
 
 def test_mle_is_a_stationary_point_of_the_token_nll():
-    data = M.SeqSet.of(M.sample(M.make_chains()["forget2"], 500, 15, np.random.default_rng(5)))
-    model = M.TabularModel(10, pseudocount=1e-12)
+    data = MC.SeqSet.of(MC.sample(MC.make_chains()["forget2"], 500, 15, np.random.default_rng(5)))
+    model = MC.TabularModel(10, pseudocount=1e-12)
     params, nll = model.pretrain(data)
     params = [p.requires_grad_(True) for p in params]
     loss = -model.seq_logp(params, data).sum() / data.lengths.sum()
@@ -112,22 +118,22 @@ def test_mle_is_a_stationary_point_of_the_token_nll():
 def test_retain_only_mle_is_close_to_the_retain_chain():
     cfg = M.make_config("divergence", seed=0)
     chains, data = M.build_data(cfg)
-    model = M.TabularModel(10, cfg.pseudocount)
+    model = MC.TabularModel(10, cfg.pseudocount)
     oracle, _ = model.pretrain(data["retain"][0])
     rows = F.log_softmax(model.row_logits(oracle), -1)
-    ckl = float(M.chain_kl(chains["retain"], rows, 20))
+    ckl = float(MC.chain_kl(chains["retain"], rows, 20))
     assert ckl < 2e-3
     # next-state KL on retain test prefixes: same bound, and far from the forget chains
     test = data["retain"][1]
     _, w, _ = model.contexts(test)
-    assert float(M.weighted_kl(M.rows_tensor(chains["retain"]), rows, w)) < 2e-3
-    assert float(M.chain_kl(chains["forget1"], rows, 20)) > 0.3
+    assert float(MC.weighted_kl(MC.rows_tensor(chains["retain"]), rows, w)) < 2e-3
+    assert float(MC.chain_kl(chains["forget1"], rows, 20)) > 0.3
 
 
 def test_weighted_rows_kl_equals_per_position_kl():
     """The tabular retain_logits shortcut (distinct rows + prefix counts as weights) is exact."""
-    model = M.TabularModel(10)
-    data = M.SeqSet.of(M.sample(M.make_chains()["retain"], 50, 8, np.random.default_rng(6)))
+    model = MC.TabularModel(10)
+    data = MC.SeqSet.of(MC.sample(MC.make_chains()["retain"], 50, 8, np.random.default_rng(6)))
     p = [torch.randn(10, dtype=torch.float64), torch.randn(10, 10, dtype=torch.float64)]
     r = [torch.randn(10, dtype=torch.float64), torch.randn(10, 10, dtype=torch.float64)]
     lg, w = model.retain_logits(p, data)
@@ -140,9 +146,9 @@ def test_weighted_rows_kl_equals_per_position_kl():
 # minibatching through unlearn.run's select hook, and a transformer smoke test
 # --------------------------------------------------------------------------------------------------
 def test_transformer_minibatch_references_align_and_preset_runs(tmp_path):
-    summary = M.run_markov("length", "transformer", quick=True, out_dir=tmp_path / "run", figures_dir=tmp_path / "figs",
-                           n_retain=200, n_forget1=100, n_forget2=100, steps=6, methods=("npo", "simnpo_rt", "npo_kl"),
-                           batch_size=16, n_records=3, linear_records=0)
+    cfg = M.make_config("length", "transformer", quick=True, n_retain=200, n_forget1=100, n_forget2=100, steps=6,
+                        methods=("npo", "simnpo_rt", "npo_kl"), batch_size=16, n_records=3, linear_records=0)
+    summary = run_study(M.STUDY, cfg, tmp_path / "run", tmp_path / "figs").results.summary
     curves = __import__("pandas").read_csv(tmp_path / "run" / "curves.csv")
     w0 = curves[(curves.method == "npo") & (curves.step == 0)].npo_weight.iloc[0]
     assert w0 == pytest.approx(1.0, abs=1e-6)  # logp on the step-0 batch == its cached reference slice
@@ -157,16 +163,17 @@ def test_transformer_minibatch_references_align_and_preset_runs(tmp_path):
 def test_select_hook_gives_same_curve_as_full_batch_when_batch_is_everything():
     cfg = M.make_config("length", n_retain=60, n_forget1=30, n_forget2=30)
     chains, data = M.build_data(cfg)
-    model = M.TabularModel(10)
+    model = MC.TabularModel(10)
     train = {s: d[0] for s, d in data.items()}
-    target, _ = model.pretrain(M.SeqSet.cat(list(train.values())))
-    forget = M.SeqSet.cat([train["forget1"], train["forget2"]])
+    target, _ = model.pretrain(MC.SeqSet.cat(list(train.values())))
+    forget = MC.SeqSet.cat([train["forget1"], train["forget2"]])
     ev = M.Evaluator(model, chains, {s: d[1] for s, d in data.items()}, {"forget1": train["forget1"]}, target, target,
-                     {s: 20 for s in M.SOURCES})
+                     {s: 20 for s in MC.SOURCES})
     out = []
     for bs in (0, 10_000):
         ad = M.MarkovAdapter(model, forget, train["retain"], None, ev, batch_size=bs)
-        out.append(unlearn.run(ad, get_objective("npo_rt"), target, steps=5, lr=0.1, record_at=[5])["kl_forget1_oracle"])
+        res = unlearn.run(ad, get_objective("npo_rt"), target, steps=5, lr=0.1, record_at=[5])
+        out.append(res["kl_forget1_oracle"])
     # a full "minibatch" is a permutation of the full batch: identical means
     assert np.allclose(out[0], out[1], rtol=1e-10)
 
@@ -225,3 +232,51 @@ def test_length_preset_prints_npo_and_simnpo_forget_and_retain_kls(tmp_path, cap
             # unlearning moved each forget set towards the oracle from where the target was
             assert b[m][f]["kl_oracle"] < s["reference"]["target"][f"kl_{f}_oracle"]
     assert s["reference"]["oracle"]["kl_forget1_oracle"] == pytest.approx(0.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Study: report configs, claims, config validation
+# --------------------------------------------------------------------------------------------------
+def test_report_configs_name_the_figures_runs_and_smoke_keeps_the_methods_the_claims_read():
+    full, smoke = M.report_configs(False), M.report_configs(True)
+    assert list(full) == list(smoke) == ["markov_length", "markov_memorization", "markov_divergence",
+                                         "markov_divergence_transformer"]
+    assert [(c.preset, c.model) for c in full.values()] == [("length", "tabular"), ("memorization", "tabular"),
+                                                            ("divergence", "tabular"), ("divergence", "transformer")]
+    for name in ("markov_length", "markov_memorization", "markov_divergence"):
+        assert smoke[name].steps == 100 and smoke[name].methods == ("ga", "npo", "simnpo")
+    assert smoke["markov_divergence_transformer"].steps == 20
+    assert smoke["markov_divergence_transformer"].methods == ("ga", "npo")
+    assert full["markov_length"].lr_scale == (("simnpo", 1000.0), ("simnpo_rt", 1000.0))
+    assert full["markov_divergence_transformer"].lr_scale == (("npo", 20.0),)
+
+
+def test_run_study_writes_claims_with_a_verdict_word_and_a_criterion(tmp_path):
+    cfg = M.make_config("memorization", quick=True, steps=30, methods=("npo", "simnpo"))
+    run = run_study(M.STUDY, cfg, tmp_path / "mem", None)
+    (claim,) = run.claims
+    assert claim.verdict in C.VERDICTS and claim.criterion and claim.figure == "markov_memorization_tabular.png"
+    assert claim.measured == run.results.summary["findings"]["verdict"]
+    assert C.load(tmp_path / "mem" / "claims.json") == [claim]
+    assert {p.name for p in (tmp_path / "mem").iterdir()} >= {"config.json", "curves.csv", "summary.json",
+                                                              "timing.json", "markov_memorization_tabular.png"}
+    assert "timing_s" not in json.loads((tmp_path / "mem" / "summary.json").read_text())
+
+
+def test_claims_without_the_methods_they_read_are_not_measured():
+    cfg = M.make_config("length", quick=True, methods=("ga",))
+    assert MF.FINDINGS["length"].claim({"at_best": {}, "verdict": ""}, cfg).verdict == C.NA
+    assert MF.FINDINGS["divergence"].claim({"verdict": ""}, M.make_config("divergence")).verdict == C.NA
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(lr=-1.0), "lr must be > 0"),
+    (dict(beta=0.0), "beta must be > 0"),
+    (dict(methods=()), "methods must name at least one objective"),
+    (dict(n_states=9, eps=0.0, methods=("idk_rt",)), "needs the no-chain IDK state"),
+    (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
+])
+def test_config_errors_are_in_the_configs_own_words(overrides, msg):
+    with pytest.raises(UserError, match=msg):
+        M.make_config("divergence", **overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,15 +11,22 @@ import pandas as pd
 import pytest
 import torch
 
-from npo_sim import cli, mixture as mx
+from npo_sim import claims as C
+from npo_sim import cli
 from npo_sim.metrics import mean_kl
+from npo_sim.runio import UserError
+from npo_sim.settings import mixture as mx
+from npo_sim.settings import mixture_adapter as ad
+from npo_sim.settings import mixture_analysis as analysis
+from npo_sim.settings.mixture_pretrain import pretrain_gd, pretrain_newton
+from npo_sim.study import run_study
 
 
 @pytest.fixture(scope="module")
 def small():
     cfg = mx.SyntheticConfig(alpha=1, seeds=2, compare_pretrain=False)
     data = mx.make_data(cfg)
-    theta, info = mx.pretrain_newton(data)
+    theta, info = pretrain_newton(data)
     return cfg, data, theta, info
 
 
@@ -42,8 +50,8 @@ def test_newton_reaches_the_optimum(small):
 
 def test_gd_recipe_descends_towards_newton_and_float32_is_faithful(small):
     cfg, data, theta, _ = small
-    th64, info64 = mx.pretrain_gd(data, steps=1500, lr=0.05, dtype=np.float64)
-    th32, _ = mx.pretrain_gd(data, steps=1500, lr=0.05, dtype=np.float32)
+    th64, info64 = pretrain_gd(data, steps=1500, lr=0.05, dtype=np.float64)
+    th32, _ = pretrain_gd(data, steps=1500, lr=0.05, dtype=np.float32)
     info_n = small[3]
     # GD is not at the optimum yet, and its loss is above the exact minimum
     assert info64["grad_norm_max"] > 1e-4
@@ -70,13 +78,13 @@ def _kl_loop(logit_p, logit_q):
 def test_vectorized_kl_equals_brute_force():
     rng = np.random.default_rng(3)
     a, b = rng.normal(0, 3, (4, 300)), rng.normal(0, 3, (4, 300))
-    vec = mx.mean_binary_kl(torch.tensor(a), torch.tensor(b)).numpy()
+    vec = ad.mean_binary_kl(torch.tensor(a), torch.tensor(b)).numpy()
     for i in range(4):
         assert vec[i] == pytest.approx(_kl_loop(a[i], b[i]), rel=1e-10)
         pa, pb = 1 / (1 + np.exp(-a[i])), 1 / (1 + np.exp(-b[i]))
         assert vec[i] == pytest.approx(mean_kl(np.stack([pa, 1 - pa], 1), np.stack([pb, 1 - pb], 1)), rel=1e-10)
     # stable where naive probabilities round to 0/1
-    big = mx.binary_kl(torch.tensor([40.0, -40.0, 2000.0], dtype=torch.float64),
+    big = ad.binary_kl(torch.tensor([40.0, -40.0, 2000.0], dtype=torch.float64),
                        torch.tensor([-40.0, 40.0, 1.0], dtype=torch.float64))
     want = [_kl_loop([40.0], [-40.0]), _kl_loop([-40.0], [40.0]), _kl_loop([2000.0], [1.0])]
     assert big.tolist() == pytest.approx(want, rel=1e-12)
@@ -85,9 +93,9 @@ def test_vectorized_kl_equals_brute_force():
 
 def test_step0_forget_distance_is_kl_retr_ref_for_every_method(small):
     cfg, data, theta, _ = small
-    adapter = mx.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
+    adapter = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
     specs = mx.HYPERPARAMETERS[1.0]
-    curves = mx.run_methods(adapter, torch.tensor(theta[..., 0]), specs, steps=1, record_at=[0],
+    curves = ad.run_methods(adapter, torch.tensor(theta[..., 0]), specs, steps=1, record_at=[0],
                             seeds=cfg.seed_list)
     for s_idx, seed in enumerate(cfg.seed_list):
         ev = data.phi_eval_forget[s_idx]
@@ -101,12 +109,12 @@ def test_step0_forget_distance_is_kl_retr_ref_for_every_method(small):
 def test_methods_sharing_an_objective_batch_as_replicas(small):
     """Per-replica lr and β: two NPO variants in one tensor program equal two separate runs."""
     cfg, data, theta, _ = small
-    adapter = mx.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
+    adapter = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
     th0 = torch.tensor(theta[..., 0])
     specs = {"slow": mx.MethodSpec("npo", 5e-3, 1.0), "fast": mx.MethodSpec("npo", 5e-2, 10.0)}
     kw = dict(steps=40, record_at=[0, 20, 40], seeds=cfg.seed_list)
-    together = mx.run_methods(adapter, th0, specs, **kw)
-    apart = pd.concat([mx.run_methods(adapter, th0, {k: v}, **kw) for k, v in specs.items()], ignore_index=True)
+    together = ad.run_methods(adapter, th0, specs, **kw)
+    apart = pd.concat([ad.run_methods(adapter, th0, {k: v}, **kw) for k, v in specs.items()], ignore_index=True)
     cols = ["forget_distance", "retain_distance", "param_distance", "forget_loss"]
     key = ["method", "seed", "step"]
     a = together.sort_values(key).reset_index(drop=True)
@@ -118,9 +126,9 @@ def test_methods_sharing_an_objective_batch_as_replicas(small):
 
 def test_npo_small_beta_tracks_ga(small):
     cfg, data, theta, _ = small
-    adapter = mx.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
+    adapter = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
     specs = {"ga": mx.MethodSpec("ga", 5e-3), "npo": mx.MethodSpec("npo", 5e-3, 1e-4)}
-    c = mx.run_methods(adapter, torch.tensor(theta[..., 0]), specs, steps=100, record_at=range(0, 101, 10),
+    c = ad.run_methods(adapter, torch.tensor(theta[..., 0]), specs, steps=100, record_at=range(0, 101, 10),
                        seeds=cfg.seed_list)
     ga, npo = (c[c.method == m].reset_index(drop=True) for m in ("ga", "npo"))
     for col in ("forget_distance", "retain_distance", "param_distance"):
@@ -136,12 +144,12 @@ FINDINGS_METHODS = ("ga", "ga_rt", "idk_rt", "npo", "npo_rt")
 def alpha1_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("alpha1")
     cfg = mx.SyntheticConfig(alpha=1, seeds=5, methods=FINDINGS_METHODS, compare_pretrain=False)
-    summary = mx.run_synthetic(cfg, out / "run", figures_dir=out / "figs")
-    return out, summary
+    run = run_study(mx.STUDY, cfg, out / "run", out / "figs")
+    return out, run
 
 
 def test_alpha1_writes_tables_and_figures(alpha1_run):
-    out, summary = alpha1_run
+    out, _ = alpha1_run
     curves = pd.read_csv(out / "run" / "curves.csv")
     assert list(curves.columns[:7]) == ["method", "seed", "step", "forget_distance", "retain_distance",
                                         "param_distance", "forget_loss"]
@@ -158,8 +166,8 @@ def test_alpha1_writes_tables_and_figures(alpha1_run):
 
 def test_alpha1_reproduces_the_findings_it_shows(alpha1_run):
     """Measured on seeds 0-4 (see the closing report for what does not hold)."""
-    _, s = alpha1_run
-    f = s["findings"]
+    _, run = alpha1_run
+    f = run.results.summary["findings"]
     # 1. start near (1.70, 0.02)
     assert f["start_point"]["holds"] is True
     # 2. IDK+RT never forgets; GA, GA+RT, NPO, NPO+RT get below 0.005 by step 1200 in most seeds
@@ -204,3 +212,66 @@ def test_cli_small_run(tmp_path, capsys):
     cmp_ = s["pretraining"]["newton_vs_gd"]
     assert cmp_["ref"]["param_distance"]["mean"] > 0 and s["pretraining"]["gd"]["arithmetic"] == "float32"
     assert (tmp_path / "figs" / "synthetic_tradeoff_alpha0.png").exists()
+
+
+def test_hyperparameters_follow_the_papers_table1():
+    """The table derived from registry facts equals the paper's Table 1 (and the extras' stated choices)."""
+    extra = "extra (not in the paper)"
+    for alpha, (lr_ga, lr_npo, b_npo, lr_dpo, b_dpo) in {1.0: (5e-4, 5e-3, 1.0, 5e-3, 0.1),
+                                                         0.0: (1e-4, 5e-2, 10.0, 5e-2, 5.0)}.items():
+        want = {
+            "ga": mx.MethodSpec("ga", lr_ga), "ga_rt": mx.MethodSpec("ga_rt", lr_ga),
+            "idk_rt": mx.MethodSpec("idk_rt", lr_ga), "npo": mx.MethodSpec("npo", lr_npo, b_npo),
+            "npo_rt": mx.MethodSpec("npo_rt", lr_npo, b_npo), "dpo_rt": mx.MethodSpec("dpo_rt", lr_dpo, b_dpo),
+            "ga_kl": mx.MethodSpec("ga_kl", lr_ga, source=f"{extra}: GA's lr"),
+            "npo_kl": mx.MethodSpec("npo_kl", lr_npo, b_npo, source=f"{extra}: NPO's lr and β"),
+            "simnpo": mx.MethodSpec("simnpo", lr_npo, 2.5, source=f"{extra}: NPO's lr, β=2.5, γ=0, |y|=1"),
+        }
+        assert mx.HYPERPARAMETERS[alpha] == want
+        assert list(mx.HYPERPARAMETERS[alpha]) == list(want)   # the display order
+
+
+def test_config_is_validated_and_never_rewrites_itself():
+    cfg = mx.SyntheticConfig(alpha=0.0, methods=("npo", "ga"))
+    assert cfg.methods == ("npo", "ga") and list(cfg.specs) == ["npo", "ga"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.alpha = 1.0
+    for bad, words in [(dict(methods="ga,npo"), "methods must be a tuple"), (dict(steps=0), "steps must be >= 1"),
+                       (dict(methods=("ga", "ga")), "methods listed twice"), (dict(dtype="half"), "dtype must be")]:
+        with pytest.raises(UserError, match=words):
+            mx.SyntheticConfig(**bad)
+
+
+def test_report_configs():
+    full, smoke = mx.report_configs(False), mx.report_configs(True)
+    assert list(full) == list(smoke) == ["synthetic_alpha1", "synthetic_alpha0"]
+    assert full["synthetic_alpha1"] == mx.SyntheticConfig(alpha=1.0)
+    assert smoke["synthetic_alpha0"] == mx.SyntheticConfig(alpha=0.0, seeds=1, steps=400, compare_pretrain=False)
+
+
+def test_claims_are_finished_records(alpha1_run):
+    out, run = alpha1_run
+    saved = C.load(out / "run" / "claims.json")
+    assert saved == run.claims and len(saved) == 4
+    for c in saved:
+        assert c.claim.startswith("§4 synthetic (α=1): ") and c.criterion
+        assert c.figure == "synthetic_tradeoff_alpha1.png" and c.verdict in C.VERDICTS
+    assert saved[0].verdict == C.HOLDS   # the start point holds (see above)
+    assert json.loads((out / "run" / "config.json").read_text())["config_class"] == "SyntheticConfig"
+
+
+def test_verdicts_downgrade_to_partly_by_the_weaker_reading():
+    """A claim that fails as stated is "partly" when its weaker reading holds; unmeasured is "not measured"."""
+    finding = {f.key: f for f in analysis.FINDINGS}
+    div = {"claim": "c", "criterion": "r", "holds": False, "measured": {
+        "ga": {"start": 1.0, "half_way": 2.0, "end": 30.0, "min": 1.0, "diverges": True},
+        "ga_rt": {"start": 1.0, "half_way": 2.0, "end": 3.0, "min": 1.0, "diverges": False}}}
+    verdict = lambda key, rec: analysis._claim(finding[key], rec, 0.0).verdict  # noqa: E731
+    assert verdict("ga_retain_diverges", div) == C.PARTLY
+    assert verdict("ga_retain_diverges", {**div, "holds": True}) == C.HOLDS
+    assert verdict("ga_retain_diverges", {**div, "holds": None}) == C.NA
+    div["measured"]["ga"]["diverges"] = False
+    assert verdict("ga_retain_diverges", div) == C.FAILS
+    start = {"claim": "c", "criterion": "r", "holds": None,
+             "measured": {"forget_distance": 0.057, "retain_distance": 0.058}}
+    assert verdict("start_point", start) == "n/a (stated for α=1)"

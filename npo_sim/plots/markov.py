@@ -1,7 +1,8 @@
-"""Markov-setting figures, drawn from ``curves.csv`` (a DataFrame) and ``summary.json`` (a dict).
+"""Markov-setting figures, drawn from the study's results: the ``curves`` table and the summary.
 
-``PLOTS[preset](curves, summary) -> Figure``. The summary may be the in-memory dict or the loaded
-JSON; only plain keys are read from it.
+``PLOTS[preset](curves, summary) -> Figure``. ``curves`` is ``Results.tables["curves"]`` (or the saved
+``curves.csv``), ``summary`` is ``Results.summary`` (or the loaded ``summary.json``: only plain keys are
+read from it, so either works). Labels and colours come from the method registry.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ Theorem 2 says GA diverges linearly in t and NPO only logarithmically.
 
 Inputs are the result tables (DataFrames or CSV paths), each may be ``None`` (the panel says so):
 
-* ``theory_traj``: ``npo_sim.logistic`` ``trajectories.csv`` (``role, config_id, method, step,
+* ``theory_traj``: ``npo_sim.settings.logistic`` ``trajectories.csv`` (``role, config_id, method, step,
   dist_l2, forget_prob``); the ``flow`` configuration of each method is used (the first config
   otherwise). Its forget log-likelihood is ``log(mean forget probability)``.
-* ``markov_curves``: ``npo_sim.markov`` ``curves.csv`` (``model, method, step, param_dist,
+* ``markov_curves``: ``npo_sim.settings.markov`` ``curves.csv`` (``model, method, step, param_dist,
   logp_forget``); the first model.
 * ``lm_curves``: the study's ``lm_curves.csv`` (``split, method, step, param_distance,
   forget_logp_sum, forget_logp_token``); the split with the most steps unless ``lm_split`` is given.
@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..losses import OBJECTIVES
 from . import color, label, new_figure
 
+#: the figure compares Theorem 2's two methods
 METHODS = ("ga", "npo")
-FIT_OF = {"ga": "linear", "npo": "log"}
+#: the law each method's curve is fitted with: a β-weighted ascent diverges like log t, plain GA linearly
+FIT_OF = {m: "log" if OBJECTIVES[m].uses_beta else "linear" for m in METHODS}
 
 
 def _frame(x) -> pd.DataFrame | None:

@@ -1,30 +1,22 @@
-"""Figures for the §4 mixture experiment, made from a run dir's ``curves.csv`` and ``summary.json``.
+"""Figures for the §4 mixture experiment, drawn from its ``curves`` table.
 
 * ``synthetic_tradeoff_alpha{α}.png`` — forget distance vs retain distance along each method's
   trajectory (the paper's Figure-3 style): seed-mean curve, thin per-seed curves, start marked.
 * ``synthetic_distances_alpha{α}.png`` — forget distance, retain distance and ‖θ − θ_retr‖ vs step,
   seed geometric mean with a ×/÷ 1 geometric-std band (log axes).
-* :func:`plot_tradeoff_grid` puts several run dirs (e.g. α = 1 and α = 0) side by side.
+
+:func:`figures` is the study's figure hook: it returns both, keyed by file name, for
+:func:`npo_sim.study.run_study` to save.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from ..runio import save_figure
 from . import color, label, new_figure
 
 _FLOOR = 1e-6   # log axes: distances are clipped here for display only
-
-
-def _load(run_dir: Path) -> tuple[pd.DataFrame, dict]:
-    run_dir = Path(run_dir)
-    return pd.read_csv(run_dir / "curves.csv"), json.loads((run_dir / "summary.json").read_text())
 
 
 def _methods(curves: pd.DataFrame) -> list[str]:
@@ -70,39 +62,30 @@ def draw_vs_step(axes, curves: pd.DataFrame, threshold: float | None = None) -> 
         ax.set_title(title)
 
 
-def plot_run(run_dir, copy_to=None) -> list[Path]:
-    """Write both figures of one run dir (and copy them into ``copy_to``). Returns the paths."""
-    run_dir = Path(run_dir)
-    curves, summary = _load(run_dir)
-    cfg = summary["config"]
-    alpha, thr = cfg["alpha"], cfg["threshold"]
-    tag = f"alpha{alpha:g}"
-    paths = []
-
+def tradeoff_figure(curves: pd.DataFrame, alpha: float, threshold: float):
+    """One panel: the trade-off curves of every method."""
     fig, axes = new_figure(1, 1, width=5.2, height=4.2)
-    draw_tradeoff(axes[0, 0], curves, alpha, thr)
+    draw_tradeoff(axes[0, 0], curves, alpha, threshold)
     axes[0, 0].legend(fontsize=7, ncol=2)
-    paths.append(save_figure(fig, run_dir / f"synthetic_tradeoff_{tag}.png", copy_to=copy_to))
+    return fig
 
+
+def distances_figure(curves: pd.DataFrame, alpha: float, threshold: float, seeds: int, pretrain: str):
+    """Three panels: forget distance, retain distance and ‖θ − θ_retr‖ against the step."""
     fig, axes = new_figure(3, 1, width=4.0, height=3.2)
-    draw_vs_step(axes[0], curves, thr)
+    draw_vs_step(axes[0], curves, threshold)
     axes[0, 0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"§4 mixture, α = {alpha:g}: geometric mean ×/÷ geometric std over {cfg['seeds']} seeds "
-                 f"({cfg['pretrain']} pretraining)", fontsize=9)
-    paths.append(save_figure(fig, run_dir / f"synthetic_distances_{tag}.png", copy_to=copy_to))
-    return paths
+    fig.suptitle(f"§4 mixture, α = {alpha:g}: geometric mean ×/÷ geometric std over {seeds} seeds "
+                 f"({pretrain} pretraining)", fontsize=9)
+    return fig
 
 
-def plot_tradeoff_grid(run_dirs: Sequence, path, copy_to=None) -> Path:
-    """Trade-off panels of several run dirs side by side (e.g. α = 1 and α = 0), one shared legend."""
-    fig, axes = new_figure(len(run_dirs), 1, width=4.6, height=4.0)
-    for ax, d in zip(axes[0], run_dirs):
-        curves, summary = _load(Path(d))
-        draw_tradeoff(ax, curves, summary["config"]["alpha"], summary["config"]["threshold"])
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7,
-               bbox_to_anchor=(0.5, -0.14))
-    return save_figure(fig, Path(path), copy_to=copy_to)
+def figures(results, cfg) -> dict:
+    """Both figures of one run (``results.tables["curves"]``), keyed by file name."""
+    curves, tag = results.tables["curves"], f"alpha{cfg.alpha:g}"
+    return {f"synthetic_tradeoff_{tag}.png": tradeoff_figure(curves, cfg.alpha, cfg.threshold),
+            f"synthetic_distances_{tag}.png": distances_figure(curves, cfg.alpha, cfg.threshold, cfg.seeds,
+                                                               cfg.pretrain)}
 
 
-__all__ = ["plot_run", "plot_tradeoff_grid", "draw_tradeoff", "draw_vs_step"]
+__all__ = ["figures", "tradeoff_figure", "distances_figure", "draw_tradeoff", "draw_vs_step"]

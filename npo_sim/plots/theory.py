@@ -1,29 +1,23 @@
-"""Figures for the Theorem-2 lab (``npo-sim theory``), drawn from the run directory's CSV/JSON only.
+"""Figures for the loss-level claims and the Theorem-2 lab (``npo-sim theory``), drawn from result tables.
 
-``make_all(run_dir, figures_dir)`` writes ``theory_divergence.png``, ``theory_logit_shifts.png``,
-``theory_steps_to_reach.png`` and ``theory_beta_sweep.png`` into ``run_dir`` (and copies them).
+:func:`theory_figures` draws ``theory_divergence.png``, ``theory_logit_shifts.png``,
+``theory_steps_to_reach.png`` and ``theory_beta_sweep.png`` from the lab's :class:`~npo_sim.study.Results`
+(tables ``trajectories``, ``logit_shifts``, ``fits``, ``overlays`` and the summary);
+:func:`core_figure` draws ``core_claims.png`` from the loss-level summary. Each returns figures; the
+study runner saves them.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
+import torch
+from matplotlib import colormaps
 
-from ..runio import save_figure
+from .. import theory
+from ..losses import npo_weight
+from ..study import Results
 from . import color, label, new_figure
-
-FIGURES = ("theory_divergence.png", "theory_logit_shifts.png", "theory_steps_to_reach.png",
-           "theory_beta_sweep.png")
-
-
-def load(run_dir) -> dict:
-    d = Path(run_dir)
-    return {"traj": pd.read_csv(d / "trajectories.csv"), "shifts": pd.read_csv(d / "logit_shifts.csv"),
-            "fits": pd.read_csv(d / "fits.csv"), "overlays": pd.read_csv(d / "overlays.csv"),
-            "summary": json.loads((d / "summary.json").read_text())}
 
 
 def _base_rows(fits: pd.DataFrame, cfg: dict, method: str) -> pd.DataFrame:
@@ -74,6 +68,57 @@ def divergence(res: dict):
     return fig
 
 
+def _ga_envelope_panel(ax, ov: pd.DataFrame, cid: int, s: dict) -> None:
+    t, lo = _overlay(ov, "ga_linear_lo", cid)
+    _, hi = _overlay(ov, "ga_linear_hi", cid)
+    keep = t > 0
+    ax.plot(t[keep], lo[keep], "g--", lw=1.2, label=r"$c_{min}\eta_0 t$, $c_{max}\eta_0 t$")
+    ax.plot(t[keep], hi[keep], "g--", lw=1.2)
+    ax.set_yscale("log")
+    ax.set_title("GA: |b_i| ≍ η0·t (Lemma 3)")
+
+
+def _npo_envelope_panel(ax, ov: pd.DataFrame, cid: int, s: dict) -> None:
+    t, lo = _overlay(ov, "npo_envelope_lo", cid)
+    _, hi = _overlay(ov, "npo_envelope_hi", cid)
+    keep, e = t > 0, s["envelope"]
+    ax.fill_between(t[keep], lo[keep], hi[keep], color="g", alpha=0.15,
+                    label=f"(1/β)log(C η0 t+1), C∈[{e['C_a']:.2g},{e['C_b']:.2g}]")
+    ax.set_title(f"NPO β={s['config']['base_beta']}: |b_i| logarithmic (Lemma 4)")
+
+
+#: the envelope each method's logit shifts are drawn against (Lemma 3 for GA, Lemma 4 for NPO)
+_ENVELOPE_PANELS = {"ga": _ga_envelope_panel, "npo": _npo_envelope_panel}
+
+
+def _shift_panel(ax, method: str, cid: int, sh: pd.DataFrame, ov: pd.DataFrame, s: dict) -> None:
+    """Per-sample |b_i(t)| of one config with the exact per-sample flow and the method's envelope."""
+    g = sh[(sh.config_id == cid) & (sh.step > 0)]
+    for i, gi in g.groupby("sample"):
+        ax.plot(gi.step, -gi["shift"], color=color(method), lw=0.7, alpha=0.6,
+                label=f"{label(method)} |b_i(t)|" if i == 0 else None)
+        t, v = _overlay(ov, "flow_shift", cid, int(i))
+        ax.plot(t[t > 0], -v[t > 0], "k:", lw=0.6, label="exact flow per sample" if i == 0 else None)
+    _ENVELOPE_PANELS[method](ax, ov, cid, s)
+    ax.set_xscale("log")
+    ax.set_xlabel("step t")
+    ax.set_ylabel("|logit shift|")
+    ax.legend(fontsize=6)
+
+
+def _implied_rate_panel(ax, row: pd.Series, sh: pd.DataFrame) -> None:
+    """NPO's implied envelope constant C(t) = (e^{β|b_i|} − 1)/(η0 t), per sample."""
+    g = sh[(sh.config_id == int(row.config_id)) & (sh.step > 0)]
+    for _, gi in g.groupby("sample"):
+        C = np.expm1(row.beta * np.abs(gi["shift"].to_numpy())) / (row.eta0 * gi.step.to_numpy())
+        ax.plot(gi.step, C, color=color("npo"), lw=0.7, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step t")
+    ax.set_ylabel(r"$C(t)=(e^{\beta|b|}-1)/(\eta_0 t)$")
+    ax.set_title("implied envelope constant stays bounded")
+
+
 def logit_shifts(res: dict):
     """Per-sample |b_i(t)| under GA and NPO with their Lemma-3/4 envelopes, and NPO's implied C(t)."""
     fits, sh, ov, s = res["fits"], res["shifts"], res["overlays"], res["summary"]
@@ -83,46 +128,10 @@ def logit_shifts(res: dict):
     npo = _base_rows(fits, cfg, "npo")
     npo = npo[np.isclose(npo.beta, cfg["base_beta"])]
     for ax, rows, method in ((axes[0][0], ga, "ga"), (axes[0][1], npo, "npo")):
-        if rows.empty:
-            continue
-        cid = int(rows.config_id.iloc[0])
-        g = sh[(sh.config_id == cid) & (sh.step > 0)]
-        for i, gi in g.groupby("sample"):
-            ax.plot(gi.step, -gi["shift"], color=color(method), lw=0.7, alpha=0.6,
-                    label=f"{label(method)} |b_i(t)|" if i == 0 else None)
-            t, v = _overlay(ov, "flow_shift", cid, int(i))
-            ax.plot(t[t > 0], -v[t > 0], "k:", lw=0.6, label="exact flow per sample" if i == 0 else None)
-        lo_name, hi_name = ("ga_linear_lo", "ga_linear_hi") if method == "ga" else ("npo_envelope_lo", "npo_envelope_hi")
-        t, lo = _overlay(ov, lo_name, cid)
-        _, hi = _overlay(ov, hi_name, cid)
-        keep = t > 0
-        if method == "ga":
-            ax.plot(t[keep], lo[keep], "g--", lw=1.2, label=r"$c_{min}\eta_0 t$, $c_{max}\eta_0 t$")
-            ax.plot(t[keep], hi[keep], "g--", lw=1.2)
-            ax.set_yscale("log")
-            ax.set_title("GA: |b_i| ≍ η0·t (Lemma 3)")
-        else:
-            e = s["envelope"]
-            ax.fill_between(t[keep], lo[keep], hi[keep], color="g", alpha=0.15,
-                            label=f"(1/β)log(C η0 t+1), C∈[{e['C_a']:.2g},{e['C_b']:.2g}]")
-            ax.set_title(f"NPO β={cfg['base_beta']}: |b_i| logarithmic (Lemma 4)")
-        ax.set_xscale("log")
-        ax.set_xlabel("step t")
-        ax.set_ylabel("|logit shift|")
-        ax.legend(fontsize=6)
-    ax = axes[0][2]
+        if not rows.empty:
+            _shift_panel(ax, method, int(rows.config_id.iloc[0]), sh, ov, s)
     if not npo.empty:
-        cid = int(npo.config_id.iloc[0])
-        row = npo.iloc[0]
-        g = sh[(sh.config_id == cid) & (sh.step > 0)]
-        for i, gi in g.groupby("sample"):
-            C = np.expm1(row.beta * np.abs(gi["shift"].to_numpy())) / (row.eta0 * gi.step.to_numpy())
-            ax.plot(gi.step, C, color=color("npo"), lw=0.7, alpha=0.6)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("step t")
-        ax.set_ylabel(r"$C(t)=(e^{\beta|b|}-1)/(\eta_0 t)$")
-        ax.set_title("implied envelope constant stays bounded")
+        _implied_rate_panel(axes[0][2], npo.iloc[0], sh)
     return fig
 
 
@@ -164,7 +173,7 @@ def beta_sweep(res: dict):
         t, v = _curve(traj, r.config_id, "dist_xtx")
         ax.plot(t[t > 0], v[t > 0], color=color("ga"), lw=2.5, label=label("ga"))
     npo = _base_rows(fits, cfg, "npo").sort_values("beta")
-    cmap = __import__("matplotlib").colormaps["viridis"]
+    cmap = colormaps["viridis"]
     for k, (_, r) in enumerate(npo.iterrows()):
         t, v = _curve(traj, r.config_id, "dist_xtx")
         ax.plot(t[t > 0], v[t > 0], color=cmap(k / max(1, len(npo) - 1)), lw=1.2, label=f"NPO β={r.beta:g}")
@@ -191,9 +200,47 @@ def beta_sweep(res: dict):
     return fig
 
 
-def make_all(run_dir, figures_dir=None) -> list[Path]:
-    res = load(run_dir)
-    out = []
-    for name, fn in zip(FIGURES, (divergence, logit_shifts, steps_to_reach, beta_sweep)):
-        out.append(save_figure(fn(res), Path(run_dir) / name, copy_to=figures_dir))
-    return out
+#: file name -> figure function, in the order the lab's figures are drawn
+THEORY_FIGURES = {"theory_divergence.png": divergence, "theory_logit_shifts.png": logit_shifts,
+                  "theory_steps_to_reach.png": steps_to_reach, "theory_beta_sweep.png": beta_sweep}
+FIGURES = tuple(THEORY_FIGURES)
+
+
+def theory_figures(results: Results) -> dict:
+    """``{file name: figure}`` for the Theorem-2 lab."""
+    res = {"traj": results.tables["trajectories"], "shifts": results.tables["logit_shifts"],
+           "fits": results.tables["fits"], "overlays": results.tables["overlays"], "summary": results.summary}
+    return {name: fn(res) for name, fn in THEORY_FIGURES.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# loss-level claims
+# --------------------------------------------------------------------------------------------------
+def core_figure(summary: dict, weight_betas, log_ratios: torch.Tensor):
+    """Prop. 1's gaps over β, the NPO weight W over the log-ratio, and NPO's loss against GA's.
+
+    The gaps are the summary's measured rows; W (the library's :func:`~npo_sim.losses.npo_weight` at each
+    of ``weight_betas``, over the ``log_ratios`` the study checked) and the loss are closed forms.
+    """
+    fig, ax = new_figure(3, 1)
+    rows = summary["prop1"]["rows"]
+    b = [r["beta"] for r in rows]
+    ax[0, 0].loglog(b, [r["loss_gap"] for r in rows], "o-", label="|loss gap|")
+    ax[0, 0].loglog(b, [r["grad_gap"] for r in rows], "s-", label="‖grad gap‖")
+    ax[0, 0].loglog(b, [r["leading_order"] for r in rows], "k--", label="β·E[r²]/4")
+    ax[0, 0].set(xlabel="β", title="Prop. 1: NPO → GA as β → 0")
+    ax[0, 0].legend()
+    for beta in weight_betas:
+        w = npo_weight(log_ratios, torch.zeros_like(log_ratios), beta)
+        ax[0, 1].plot(log_ratios.numpy(), w.numpy(), label=f"β={beta}")
+    ax[0, 1].axhline(2, color="k", lw=0.6, ls=":")
+    ax[0, 1].axhline(0, color="k", lw=0.6, ls=":")
+    ax[0, 1].set(xlabel="log π_θ − log π_ref", ylabel="W", title="NPO weight W ∈ (0, 2)")
+    ax[0, 1].legend()
+    r = np.linspace(-10, 3, 400)
+    ax[0, 2].plot(r, [theory.npo_loss([x], 1.0) for x in r], label="NPO, β=1")
+    ax[0, 2].plot(r, r, label="GA (= log π_θ; ref at 0)")
+    ax[0, 2].axhline(0, color="k", lw=0.6, ls=":")
+    ax[0, 2].set(xlabel="log π_θ − log π_ref", title="NPO loss is bounded below")
+    ax[0, 2].legend()
+    return fig

@@ -1,32 +1,68 @@
 """The paper's loss-level claims, measured: Proposition 1, W ∈ (0, 2), NPO bounded below.
 
-:func:`run_core` evaluates the library losses on random log-ratios and returns a summary dict (and
-writes ``core_claims.json`` plus a figure). It needs no training, so it takes a second.
+A :class:`~npo_sim.study.Study` that trains nothing: :func:`simulate` evaluates the library losses on
+random log-ratios (a second of work), :func:`findings` judges the three claims, and the figure is
+``core_claims.png``. Its summary file is ``core_claims.json``.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import runio, theory
-from .losses import ga, npo, npo_weight
+from .. import claims as C
+from .. import theory
+from ..losses import ga, npo, npo_weight
+from ..runio import UserError
+from ..study import Results, Study
 
-BETAS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+FIGURE = "core_claims.png"
+#: log π_θ − log π_ref at which NPO's and GA's losses are compared (the first three are quoted in the claim)
+PUSHED = (-1.0, -10.0, -100.0, -1000.0)
 
 
-def run_core(out_dir: Path, figures_dir: Path | None = None, seed: int = 0) -> dict:
-    out_dir = Path(out_dir)
-    g = torch.Generator().manual_seed(seed)
-    logp = -4 * torch.rand(256, generator=g, dtype=torch.float64) - 0.1
-    logp_ref = logp + 0.8 * torch.randn(256, generator=g, dtype=torch.float64)
+@dataclass(frozen=True)
+class CoreConfig:
+    """Random log-ratios for Proposition 1, and the grids on which W and the NPO loss are checked."""
+
+    seed: int = 0
+    n: int = 256                                                  #: examples in the Prop. 1 batch
+    betas: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)   #: Prop. 1's β, decreasing
+    weight_betas: tuple[float, ...] = (0.1, 0.5, 1.0)             #: β at which W is checked
+    log_ratio_max: float = 30.0                                   #: W is checked on log-ratios in [−max, max]
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise UserError(f"n must be >= 1, got {self.n}")
+        for name in ("betas", "weight_betas"):
+            vals = getattr(self, name)
+            if not vals or not all(math.isfinite(b) and b > 0 for b in vals):
+                raise UserError(f"{name} must be non-empty, finite and > 0, got {vals}")
+        if not (math.isfinite(self.log_ratio_max) and self.log_ratio_max > 0):
+            raise UserError(f"log_ratio_max must be finite and > 0, got {self.log_ratio_max}")
+
+
+def log_ratio_grid(cfg: CoreConfig) -> torch.Tensor:
+    """The log-ratios on which W is checked (and drawn)."""
+    return torch.linspace(-cfg.log_ratio_max, cfg.log_ratio_max, 2001, dtype=torch.float64)
+
+
+def _draw(cfg: CoreConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random log-likelihoods and reference log-likelihoods (log-ratios ~ N(0, 0.8²))."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    logp = -4 * torch.rand(cfg.n, generator=g, dtype=torch.float64) - 0.1
+    logp_ref = logp + 0.8 * torch.randn(cfg.n, generator=g, dtype=torch.float64)
+    return logp, logp_ref
+
+
+def _prop1(cfg: CoreConfig, logp: torch.Tensor, logp_ref: torch.Tensor) -> dict:
+    """Proposition 1: the loss and gradient gaps between NPO and GA at each β."""
     theta = logp.clone().requires_grad_(True)
-
     rows = []
-    for beta in BETAS:
+    for beta in cfg.betas:
         loss = npo(theta, logp_ref, beta)
         (g_npo,) = torch.autograd.grad(loss, theta)
         (g_ga,) = torch.autograd.grad(ga(theta), theta)
@@ -36,57 +72,89 @@ def run_core(out_dir: Path, figures_dir: Path | None = None, seed: int = 0) -> d
                      "leading_order": theory.prop1_gap_leading_order(r, beta)})
     loss_gaps = [r["loss_gap"] for r in rows]
     grad_gaps = [r["grad_gap"] for r in rows]
+    return {"rows": rows, "loss_gap_monotone": bool(np.all(np.diff(loss_gaps) < 0)),
+            "grad_gap_monotone": bool(np.all(np.diff(grad_gaps) < 0)),
+            "loss_gap_at_min_beta": loss_gaps[-1], "grad_gap_at_min_beta": grad_gaps[-1]}
 
-    ratios = torch.linspace(-30, 30, 2001, dtype=torch.float64)
-    W = {b: npo_weight(ratios, torch.zeros_like(ratios), b) for b in (0.1, 0.5, 1.0)}
-    w_min = min(float(w.min()) for w in W.values())
-    w_max = max(float(w.max()) for w in W.values())
-    at_ref = float(npo_weight(logp, logp, 0.7).sub(1).abs().max())
 
-    # NPO is bounded below by 0 however far the likelihood is pushed down; GA's loss is not.
-    pushed = torch.tensor([-1.0, -10.0, -100.0, -1000.0], dtype=torch.float64)
+def _weight(cfg: CoreConfig, logp: torch.Tensor) -> dict:
+    """The range of W over the log-ratio grid, and W at θ = ref."""
+    ratios = log_ratio_grid(cfg)
+    W = [npo_weight(ratios, torch.zeros_like(ratios), b) for b in cfg.weight_betas]
+    betas = ", ".join(f"{b:g}" for b in cfg.weight_betas)
+    return {"min": min(float(w.min()) for w in W), "max": max(float(w.max()) for w in W),
+            "max_abs_dev_from_1_at_ref": float(npo_weight(logp, logp, 0.7).sub(1).abs().max()),
+            "range_checked": f"log-ratio in [{-cfg.log_ratio_max:g}, {cfg.log_ratio_max:g}], beta in {{{betas}}}"}
+
+
+def _bounded_below(logp_ref: torch.Tensor) -> dict:
+    """NPO stays >= 0 however far the likelihood is pushed down; GA's loss does not."""
+    pushed = torch.tensor(PUSHED, dtype=torch.float64)
     npo_vals = [npo(p.reshape(1), torch.zeros(1, dtype=torch.float64), 1.0).item() for p in pushed]
     ga_vals = [ga(p.reshape(1)).item() for p in pushed]
-    loss_at_ref = {str(b): npo(logp_ref, logp_ref, b).item() for b in (0.1, 1.0)}
-
-    summary = {
-        "prop1": {"rows": rows, "loss_gap_monotone": bool(np.all(np.diff(loss_gaps) < 0)),
-                  "grad_gap_monotone": bool(np.all(np.diff(grad_gaps) < 0)),
-                  "loss_gap_at_min_beta": loss_gaps[-1], "grad_gap_at_min_beta": grad_gaps[-1]},
-        "weight": {"min": w_min, "max": w_max, "max_abs_dev_from_1_at_ref": at_ref,
-                   "range_checked": "log-ratio in [-30, 30], beta in {0.1, 0.5, 1}"},
-        "bounded_below": {"npo_at_logp": dict(zip(map(str, pushed.tolist()), npo_vals)),
-                          "ga_at_logp": dict(zip(map(str, pushed.tolist()), ga_vals)),
-                          "npo_at_ref": loss_at_ref,
-                          "npo_min_seen": min(npo_vals)},
-        "config": {"seed": seed, "n": 256, "betas": list(BETAS)},
-    }
-    runio.write_json(out_dir / "core_claims.json", summary)
-    _plot(summary, W, ratios, out_dir, figures_dir)
-    return summary
+    return {"npo_at_logp": dict(zip(map(str, pushed.tolist()), npo_vals)),
+            "ga_at_logp": dict(zip(map(str, pushed.tolist()), ga_vals)),
+            "npo_at_ref": {str(b): npo(logp_ref, logp_ref, b).item() for b in (0.1, 1.0)},
+            "npo_min_seen": min(npo_vals)}
 
 
-def _plot(summary, W, ratios, out_dir: Path, figures_dir) -> None:
-    from .plots import new_figure
+def simulate(cfg: CoreConfig, progress: bool = False) -> Results:
+    """Evaluate the losses; no tables, only the summary (``core_claims.json``)."""
+    logp, logp_ref = _draw(cfg)
+    summary = {"prop1": _prop1(cfg, logp, logp_ref), "weight": _weight(cfg, logp),
+               "bounded_below": _bounded_below(logp_ref),
+               "config": {"seed": cfg.seed, "n": cfg.n, "betas": list(cfg.betas)}}
+    return Results({}, summary)
 
-    fig, ax = new_figure(3, 1)
-    rows = summary["prop1"]["rows"]
-    b = [r["beta"] for r in rows]
-    ax[0, 0].loglog(b, [r["loss_gap"] for r in rows], "o-", label="|loss gap|")
-    ax[0, 0].loglog(b, [r["grad_gap"] for r in rows], "s-", label="‖grad gap‖")
-    ax[0, 0].loglog(b, [r["leading_order"] for r in rows], "k--", label="β·E[r²]/4")
-    ax[0, 0].set(xlabel="β", title="Prop. 1: NPO → GA as β → 0")
-    ax[0, 0].legend()
-    for beta, w in W.items():
-        ax[0, 1].plot(ratios, w, label=f"β={beta}")
-    ax[0, 1].axhline(2, color="k", lw=0.6, ls=":")
-    ax[0, 1].axhline(0, color="k", lw=0.6, ls=":")
-    ax[0, 1].set(xlabel="log π_θ − log π_ref", ylabel="W", title="NPO weight W ∈ (0, 2)")
-    ax[0, 1].legend()
-    r = np.linspace(-10, 3, 400)
-    ax[0, 2].plot(r, [theory.npo_loss([x], 1.0) for x in r], label="NPO, β=1")
-    ax[0, 2].plot(r, r, label="GA (= log π_θ; ref at 0)")
-    ax[0, 2].axhline(0, color="k", lw=0.6, ls=":")
-    ax[0, 2].set(xlabel="log π_θ − log π_ref", title="NPO loss is bounded below")
-    ax[0, 2].legend()
-    runio.save_figure(fig, Path(out_dir) / "core_claims.png", copy_to=figures_dir)
+
+def _prop1_claim(s: dict) -> C.Claim:
+    p = s["prop1"]
+    r0, r1 = p["rows"][0], p["rows"][-1]
+    monotone = p["loss_gap_monotone"] and p["grad_gap_monotone"]
+    return C.Claim(
+        "Prop. 1: NPO → GA as β → 0 (loss gap [L_NPO − (2/β)log 2] − [L_GA − E log π_ref] and gradient gap → 0)",
+        f"β={r0['beta']:g}→{r1['beta']:g}: loss gap {r0['loss_gap']:.2e}→{r1['loss_gap']:.2e} "
+        f"(≈β·E[r²]/4: {r1['leading_order']:.2e}), grad gap {r0['grad_gap']:.2e}→{r1['grad_gap']:.2e}; "
+        f"monotone: {monotone}",
+        C.verdict(monotone and r1["loss_gap"] < 1e-3), FIGURE,
+        "holds when both gaps shrink strictly as β decreases and the loss gap at the smallest β is < 1e-3")
+
+
+def _weight_claim(s: dict) -> C.Claim:
+    w = s["weight"]
+    return C.Claim(
+        "NPO weight W = 2π_θ^β/(π_θ^β+π_ref^β) ∈ (0, 2), W = 1 at θ = ref",
+        f"min {w['min']:.2e}, max {w['max']:.15g} over {w['range_checked']}; |W−1| at ref "
+        f"{w['max_abs_dev_from_1_at_ref']:.1e}",
+        C.verdict(0 < w["min"] and w["max"] < 2 and w["max_abs_dev_from_1_at_ref"] < 1e-12), FIGURE,
+        "holds when 0 < min W and max W < 2 over the checked range, and |W − 1| < 1e-12 at θ = ref")
+
+
+def _bounded_claim(s: dict) -> C.Claim:
+    b = s["bounded_below"]
+    return C.Claim(
+        "NPO loss is bounded below (by 0), GA's is not",
+        "NPO(β=1) at log π_θ−log π_ref = −1, −10, −100: "
+        + ", ".join(f"{v:.2g}" for v in list(b["npo_at_logp"].values())[:3])
+        + f"; GA: {', '.join(f'{v:g}' for v in list(b['ga_at_logp'].values())[:3])}; "
+        f"(2/β)log 2 at ref: {b['npo_at_ref']['1.0']:.4f}",
+        C.verdict(b["npo_min_seen"] >= 0), FIGURE,
+        "holds when every NPO loss value seen, however far log π_θ is pushed down, is >= 0")
+
+
+def findings(results: Results, cfg: CoreConfig) -> list[C.Claim]:
+    return [claim(results.summary) for claim in (_prop1_claim, _weight_claim, _bounded_claim)]
+
+
+def figures(results: Results, cfg: CoreConfig) -> dict:
+    from ..plots.theory import core_figure
+
+    return {FIGURE: core_figure(results.summary, cfg.weight_betas, log_ratio_grid(cfg))}
+
+
+STUDY = Study("core", simulate, findings, figures, summary_file="core_claims.json")
+
+
+def report_configs(smoke: bool) -> dict[str, CoreConfig]:
+    """The run ``npo-sim figures`` makes: ``core`` at the defaults (smoke or not: it takes a second)."""
+    return {"core": CoreConfig()}

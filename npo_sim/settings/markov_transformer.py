@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..runio import UserError
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
+    """Size and pretraining recipe of the tiny transformer (validated; errors in the config's own words)."""
+
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -33,9 +37,12 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
-            raise ValueError(f"transformer: need d_model divisible by n_heads >= 1, got {self.d_model}/{self.n_heads}")
+            raise UserError(f"transformer: need d_model divisible by n_heads >= 1 and n_layers >= 1, "
+                            f"got d_model {self.d_model}, n_heads {self.n_heads}, n_layers {self.n_layers}")
         if self.pretrain_epochs < 1 or self.pretrain_batch < 1 or not self.pretrain_lr > 0:
-            raise ValueError("transformer: pretrain_epochs, pretrain_batch and pretrain_lr must be positive")
+            raise UserError("transformer: pretrain_epochs, pretrain_batch and pretrain_lr must be positive")
+        if not self.weight_decay >= 0:
+            raise UserError(f"transformer: weight_decay must be >= 0, got {self.weight_decay}")
 
 
 class _Block(nn.Module):
@@ -79,7 +86,7 @@ class TinyTransformer(nn.Module):
 
 
 class TransformerModel:
-    """The transformer as a Markov-setting model: functions of a parameter list (see ``markov.TabularModel``)."""
+    """The transformer as a Markov-setting model: functions of a parameter list (see ``markov_chains.TabularModel``)."""
 
     kind = "transformer"
 

@@ -1,0 +1,362 @@
+"""Theorem-2 lab: GA diverges linearly, NPO logarithmically, in high-dimensional logistic regression.
+
+The setting (NPO paper, Theorem 2): ``π_θ(y=1|x) = σ(⟨x, θ⟩)``; ``n_f <= d`` forget samples with nearly
+orthogonal ``x_i``, ``‖x_i‖ ∈ [b_x, B_x]``, ``‖θ_init‖ <= B_θ``; full-batch gradient descent with step
+``η`` on the empirical forget loss, ``η0 = η/n_f``. With label-signed features ``a_i = s_i x_i`` the
+margin of sample ``i`` is ``m_i = ⟨a_i, θ⟩`` and ``log π_θ(s_i|x_i) = log σ(m_i)``.
+
+**Exact reduction.** Every gradient of a loss of the margins lies in ``span{a_i}``, so gradient descent
+never leaves ``θ_init + span{a_i}``. Write ``A = L Q^T`` (``L`` the Cholesky factor of the Gram matrix
+``A A^T``, ``Q`` an orthonormal basis of the span) and ``θ_t = θ_init + Q z_t``: a GD step on ``z`` moves θ
+by ``−η Q Q^T ∇_θ L = −η ∇_θ L``, so GD on ``z`` *is* GD on θ. The adapter's parameters are therefore
+``z`` (``k = min(n_f, d)`` numbers per config) and ``d`` only enters through the Gram matrix:
+``‖θ_t − θ_init‖₂ = ‖z‖``, ``‖θ_t − θ_init‖_{XᵀX} = ‖A(θ_t − θ_init)‖ = ‖b‖`` with logit shifts
+``b = L z``. The tests check this against GD on the full ``d``-dimensional θ.
+
+**Batching.** A grid of configs runs as one tensor program per method through
+:func:`npo_sim.unlearn.run`: configs are grouped by dataset ``(n_f, d, seed)`` into slots and the
+parameters have shape ``(slots, replicas, k_max)``, so the forward pass is one batched matrix product.
+Smaller ``n_f`` are zero-padded to ``n_max``; padded samples have zero features, hence constant
+``logp`` and zero gradient, and each replica's step is scaled by ``n_max/n_f`` so that the mean over
+``n_max`` entries gives exactly the gradient of the mean over its ``n_f`` samples. Recorded losses are
+recomputed afterwards on the valid samples only, with the same objective.
+
+This module holds the config, the batched grid and :func:`simulate`; the data and the adapter are in
+:mod:`.logistic_data`, the analysis in :mod:`.logistic_analysis`, the claims and the text table in
+:mod:`.logistic_claims`, the figures in :mod:`npo_sim.plots.theory`. :data:`STUDY` ties them together
+for :func:`npo_sim.study.run_study`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .. import losses
+from ..runio import UserError
+from ..study import Results, Study
+from ..unlearn import log_steps, run
+from . import logistic_analysis as analysis
+from .logistic_claims import describe, findings
+from .logistic_data import LogisticAdapter, make_data
+
+#: objectives with no retain term (the ones Theorem 2 is about)
+METHODS = losses.methods(retain_free=True)
+INITS = ("margins", "random", "retain")
+DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TheoryConfig:
+    """The whole study: a grid of (method, β, η, n_f, d, seed) plus the analysis choices."""
+
+    steps: int = 100_000
+    seed: int = 0
+    methods: tuple[str, ...] = ("ga", "npo")
+    etas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    n_fs: tuple[int, ...] = (8, 16, 32)
+    ds: tuple[int, ...] = (2048, 8192)
+    n_seeds: int = 2
+    betas: tuple[float, ...] = (0.5, 1.0, 2.0)          # β grid for β-methods (every η, n_f, d, seed)
+    beta_sweep: tuple[float, ...] = (1e-3, 1e-2, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0)  # extra β at the base point
+    base_eta: float = 1.0                                # the base point used for figures / headline numbers
+    base_n_f: int = 16
+    base_d: int = 8192
+    base_beta: float = 1.0
+    x_norm_min: float = 0.8                              # b_x
+    x_norm_max: float = 1.2                              # B_x
+    theta_norm: float = 20.0                             # B_θ
+    init: str = "margins"
+    margin_min: float = 0.5                              # init="margins": forget margins m_i(0) ~ U[min, max]
+    margin_max: float = 2.0
+    retain_n: int = 256                                  # init="retain": retain-set size
+    record_points: int = 60                              # log-spaced record steps
+    fit_eps: float = 0.05                                # fits use t where the law's small parameter <= eps
+    flow_eta: float = 0.05                               # single-sample flow check: step (Euler ≈ flow)
+    check_orthogonality: bool = False                    # require n_f <= d and C0 <= max_c0
+    max_c0: float = 8.0
+    quick: bool = False
+    #: processes, one method's batched program each. How the grid runs, not what it computes (results
+    #: are identical for any value), so it is left out of the summary.
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if self.workers < 1:
+            raise UserError(f"workers must be >= 1, got {self.workers}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise UserError(f"unknown or unsupported methods {bad}; choose from {', '.join(METHODS)} "
+                            "(objectives with a retain term are not part of Theorem 2)")
+        for name in ("etas", "betas", "beta_sweep"):
+            vals = getattr(self, name)
+            if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+                raise UserError(f"{name} must be non-empty, finite and > 0, got {vals}")
+        if not self.n_fs or min(self.n_fs) < 1 or not self.ds or min(self.ds) < 1 or self.n_seeds < 1:
+            raise UserError("n_fs, ds and n_seeds must be >= 1")
+        if self.init not in INITS:
+            raise UserError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
+        if not 0 < self.x_norm_min <= self.x_norm_max:
+            raise UserError("need 0 < x_norm_min <= x_norm_max")
+        if not 0 < self.margin_min <= self.margin_max or self.theta_norm <= 0:
+            raise UserError("need 0 < margin_min <= margin_max and theta_norm > 0")
+        for name, values in (("base_eta", self.etas), ("base_n_f", self.n_fs), ("base_d", self.ds),
+                             ("base_beta", self.betas)):
+            if getattr(self, name) not in values:
+                raise UserError(f"{name}={getattr(self, name)} must be one of {values}")
+        if self.check_orthogonality:
+            for n_f in self.n_fs:
+                for d in self.ds:
+                    if n_f > d:
+                        raise UserError(f"n_f={n_f} > d={d}: Theorem 2 needs n_f <= d with nearly orthogonal "
+                                        "x_i (set check_orthogonality off to simulate anyway)")
+
+    def resolved(self) -> dict:
+        """The config as recorded in ``summary.json``, with the analysis choices spelled out."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "workers"}
+        out["fit_window"] = (f"records where the asymptotic law's small parameters are <= {self.fit_eps}: "
+                             "mean forget probability pi_theta (both laws need sigma(-m) ~ 1) and, for "
+                             "beta-methods, mean W/2 (NPO's log law needs W ~ 2(pi/pi_ref)^beta << 1); "
+                             "the last 8 records when fewer qualify (flagged in_regime=False)")
+        out["forget_labels"] = ("s_i = the label theta_init predicts; init='margins' sets its confidence "
+                                f"sigma(m_i(0)) with m_i(0) ~ U[{self.margin_min}, {self.margin_max}]")
+        out["reduction"] = "theta_t - theta_init = Q z_t, Q an orthonormal basis of span{x_i} (exact)"
+        return out
+
+
+QUICK = TheoryConfig(steps=10_000, etas=(0.5, 1.0), n_fs=(8, 16), ds=(4096,), n_seeds=1, base_d=4096,
+                     quick=True)
+
+_BASE_POINT = (("base_eta", "etas"), ("base_n_f", "n_fs"), ("base_d", "ds"), ("base_beta", "betas"))
+
+
+def make_config(base: TheoryConfig, **overrides) -> TheoryConfig:
+    """``base`` with ``overrides``, keeping the base point inside a narrowed grid.
+
+    When an override of ``etas``, ``n_fs``, ``ds`` or ``betas`` drops the base value, the base point moves
+    to the grid's last value (for β: the one closest to 1 in log scale).
+    """
+    over = dict(overrides)
+    for name, values_name in _BASE_POINT:
+        values = over.get(values_name, getattr(base, values_name))
+        if name not in over and getattr(base, name) not in values and values:
+            over[name] = values[-1] if name != "base_beta" else min(values, key=lambda b: abs(math.log(b)))
+    return dataclasses.replace(base, **over)
+
+
+# --------------------------------------------------------------------------------------------------
+# the batched grid
+# --------------------------------------------------------------------------------------------------
+def _uses_beta(method: str) -> bool:
+    return losses.OBJECTIVES[method].uses_beta
+
+
+@dataclass(frozen=True)
+class Run:
+    """One config of the grid."""
+
+    config_id: int
+    method: str
+    beta: float            # NaN for β-free methods
+    eta: float
+    n_f: int
+    d: int
+    seed: int
+    role: str = "grid"     # "grid" or "flow" (the single-sample flow check)
+
+
+def expand_grid(cfg: TheoryConfig) -> list[Run]:
+    """Every config: the main grid, the β sweep at the base point, and one single-sample flow check per
+    method whose forget term has an exact flow (:data:`~.logistic_analysis.FLOW_ORACLES`)."""
+    runs: list[Run] = []
+    seen = set()
+
+    def add(method, beta, eta, n_f, d, seed, role="grid"):
+        key = (method, beta, eta, n_f, d, seed, role)
+        if key not in seen:
+            seen.add(key)
+            runs.append(Run(len(runs), method, beta, eta, n_f, d, seed, role))
+
+    for method in cfg.methods:
+        betas = cfg.betas if _uses_beta(method) else (math.nan,)
+        for seed in range(cfg.n_seeds):
+            for n_f in cfg.n_fs:
+                for d in cfg.ds:
+                    for eta in cfg.etas:
+                        for beta in betas:
+                            add(method, beta, eta, n_f, d, seed)
+            if _uses_beta(method):
+                for beta in cfg.beta_sweep:
+                    add(method, beta, cfg.base_eta, cfg.base_n_f, cfg.base_d, seed)
+        # single-sample check of the exact gradient flow (n_f = 1, small step so GD ≈ flow)
+        if losses.OBJECTIVES[method].forget in analysis.FLOW_ORACLES:
+            add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
+    return runs
+
+
+def _objective(method: str, beta) -> losses.Objective:
+    return losses.get_objective(method, beta=beta) if _uses_beta(method) else losses.get_objective(method)
+
+
+def simulate_group(method: str, runs: list[Run], data: dict, steps: int, record_at: list[int],
+                   full_dim: dict | None = None, cap: int | None = None) -> dict[str, np.ndarray]:
+    """Run every config of one method in one batched :func:`npo_sim.unlearn.run` call.
+
+    ``data`` maps ``(n_f, d, seed)`` to :class:`ForgetData`. ``full_dim`` (tests, naive baseline) maps the
+    same keys to the full label-signed ``(n_f, d)`` feature matrix, to run on θ − θ_init itself.
+    ``cap`` (default: chosen to minimise padded work) is the most configs sharing one dataset slot.
+    Returns run's column dict with an extra ``config_id`` column (dummy replicas dropped).
+    """
+    keys = sorted({(r.n_f, r.d, r.seed) for r in runs})
+    per = {k: [r for r in runs if (r.n_f, r.d, r.seed) == k] for k in keys}
+    # one slot = one dataset and up to `cap` of its configs. cap minimises the padded work, about
+    # slots × (cap + 8): each slot also reads its (k × n) features, worth ~8 replicas of elementwise work
+    cap = cap or min(range(1, max(map(len, per.values())) + 1),
+                     key=lambda c: (c + 8) * sum(-(-len(g) // c) for g in per.values()))
+    slots = [(k, g[i: i + cap]) for k, g in per.items() for i in range(0, len(g), cap)]
+    D, Rm = len(slots), cap
+    n_max = max(k[0] for k in keys)
+    feats = {k: (full_dim[k] if full_dim is not None else data[k].B) for k in keys}
+    k_max = max(f.shape[1] for f in feats.values())
+    Bt = torch.zeros(D, k_max, n_max, dtype=DTYPE)
+    m0 = torch.zeros(D, 1, n_max, dtype=DTYPE)
+    lr = torch.zeros(D, Rm, dtype=DTYPE)                      # dummy replicas: lr = 0
+    beta = torch.ones(D, Rm, dtype=DTYPE)
+    ids = np.full((D, Rm), -1)
+    for i, (k, group) in enumerate(slots):
+        f = torch.as_tensor(feats[k], dtype=DTYPE)
+        Bt[i, : f.shape[1], : f.shape[0]] = f.T
+        m0[i, 0, : k[0]] = torch.as_tensor(data[k].m0, dtype=DTYPE)
+        for j, r in enumerate(group):
+            lr[i, j] = r.eta * n_max / r.n_f                   # padding correction (see module doc)
+            beta[i, j] = r.beta if _uses_beta(method) else 1.0
+            ids[i, j] = r.config_id
+    out = run(LogisticAdapter(Bt, m0), _objective(method, beta), [torch.zeros(D, Rm, k_max, dtype=DTYPE)],
+              steps=steps, lr=lr, record_at=record_at)
+    out["config_id"] = ids.reshape(-1)[out["replica"]]
+    keep = out["config_id"] >= 0
+    return {k: v[keep] for k, v in out.items()}
+
+
+def _tidy(method: str, runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig):
+    """Per-(config, step) rows and per-(config, step, sample) shifts; losses recomputed on valid samples."""
+    by_id = {r.config_id: r for r in runs}
+    traj, shifts = [], []
+    for cid in np.unique(raw["config_id"]):
+        r = by_id[int(cid)]
+        dat = data[(r.n_f, r.d, r.seed)]
+        sel = raw["config_id"] == cid
+        steps = raw["step"][sel]
+        b = np.stack([raw[f"b{i}"][sel] for i in range(r.n_f)], axis=1)        # (S, n_f)
+        m = torch.as_tensor(dat.m0 + b, dtype=DTYPE)
+        m_ref = torch.as_tensor(dat.m0, dtype=DTYPE).expand_as(m)
+        inputs = {"logp": F.logsigmoid(m), "logp_ref": F.logsigmoid(m_ref), "idk_logp": F.logsigmoid(-m),
+                  "idk_logp_ref": F.logsigmoid(-m_ref), "length": torch.ones_like(m)}
+        forget = _objective(method, r.beta)(inputs).forget.numpy()
+        w = (losses.npo_weight(inputs["logp"], inputs["logp_ref"], r.beta).mean(-1).numpy() if _uses_beta(method)
+             else np.full(len(steps), np.nan))
+        ab = np.abs(b)
+        traj.append(pd.DataFrame({
+            "config_id": r.config_id, "role": r.role, "method": r.method, "beta": r.beta, "eta": r.eta,
+            "n_f": r.n_f, "d": r.d, "seed": r.seed, "eta0": r.eta / r.n_f, "c_mean": dat.c.mean(),
+            "m0_mean": dat.m0.mean(), "C0": dat.C0, "theta_init_norm": dat.theta_norm, "step": steps,
+            "dist_xtx": raw["dist_xtx"][sel], "dist_l2": raw["dist_l2"][sel],
+            "rms_shift": np.sqrt((b ** 2).mean(1)), "abs_shift_min": ab.min(1), "abs_shift_mean": ab.mean(1),
+            "abs_shift_max": ab.max(1), "forget_prob": torch.sigmoid(m).mean(-1).numpy(),
+            "forget_loss": forget, "npo_weight": w}))
+        if r.role == "flow" or (r.n_f == cfg.base_n_f and r.d == cfg.base_d and r.seed == 0
+                                and r.eta == cfg.base_eta):
+            S, n = b.shape
+            shifts.append(pd.DataFrame({
+                "config_id": r.config_id, "step": np.repeat(steps, n), "sample": np.tile(np.arange(n), S),
+                "shift": b.reshape(-1), "c": np.tile(dat.c, S), "m0": np.tile(dat.m0, S)}))
+    return pd.concat(traj, ignore_index=True), pd.concat(shifts, ignore_index=True)
+
+
+def _group_worker(method, group, data, steps, record):
+    """Run one method's group (in this process or a worker process); returns (raw columns, seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny tensors: extra threads only add synchronisation
+    try:
+        t0 = time.perf_counter()
+        raw = simulate_group(method, group, data, steps, record)
+        return raw, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_groups(jobs: dict, workers: int) -> dict:
+    """``{method: (raw, seconds)}``; ``workers > 1`` runs the methods' programs in parallel processes."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {m: ex.submit(_group_worker, *job) for m, job in jobs.items()}
+            return {m: f.result() for m, f in futures.items()}
+    return {m: _group_worker(*job) for m, job in jobs.items()}
+
+
+def simulate_grid(cfg: TheoryConfig, progress=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Draw the data and run the whole grid, one batched program per method (on ``cfg.workers``
+    processes; results are identical either way) -> (trajectories, logit shifts, per-method timing).
+
+    ``progress`` (e.g. ``print``) receives one line per method.
+    """
+    runs = expand_grid(cfg)
+    data = {}
+    for r in runs:
+        key = (r.n_f, r.d, r.seed)
+        if key not in data:
+            data[key] = make_data(*key, cfg)
+    record = log_steps(cfg.steps, cfg.record_points)
+    groups = {m: [r for r in runs if r.method == m] for m in cfg.methods}
+    results = _run_groups({m: (m, g, data, cfg.steps, record) for m, g in groups.items()}, cfg.workers)
+    trajs, shifts, timing = [], [], {}
+    for method, (raw, seconds) in results.items():
+        timing[method] = {"configs": len(groups[method]), "seconds": seconds}
+        if progress:
+            progress(f"  {method}: {len(groups[method])} configs x {cfg.steps} steps in {seconds:.1f}s")
+        t, s = _tidy(method, groups[method], data, raw, cfg)
+        trajs.append(t)
+        shifts.append(s)
+    return pd.concat(trajs, ignore_index=True), pd.concat(shifts, ignore_index=True), timing
+
+
+# --------------------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------------------
+def simulate(cfg: TheoryConfig, progress: bool = False) -> Results:
+    """Run the grid and analyse it: tables ``trajectories``, ``logit_shifts``, ``fits`` and ``overlays``,
+    and the summary (fits, scaling checks, envelopes, steps-to-reach, β sweep, flow check, config)."""
+    traj, shifts, _ = simulate_grid(cfg, print if progress else None)
+    summary, fits, overlays = analysis.analyze(traj, shifts, cfg)
+    return Results({"trajectories": traj, "logit_shifts": shifts, "fits": fits, "overlays": overlays}, summary)
+
+
+def figures(results: Results, cfg: TheoryConfig) -> dict:
+    """The four Theorem-2 figures (matplotlib is imported only when they are drawn)."""
+    from ..plots.theory import theory_figures
+
+    return theory_figures(results)
+
+
+STUDY = Study("theory", simulate, findings, figures, describe=describe)
+
+
+def report_configs(smoke: bool) -> dict[str, TheoryConfig]:
+    """The run ``npo-sim figures`` makes: ``theory`` at the quick grid (smoke: 2000 steps, 4 sweep βs)."""
+    cfg = dataclasses.replace(QUICK, steps=2000, betas=(0.5, 1.0, 2.0), beta_sweep=(0.001, 0.1, 1.0, 10.0)) \
+        if smoke else QUICK
+    return {"theory": cfg}

@@ -1,0 +1,388 @@
+"""Markov-chain sequence unlearning with exact metrics (issue 5; SimNPO paper §5 / App. H setup), as a Study.
+
+Setting. Three Markov chains on groups of states (``markov_chains``): ``retain``, ``forget1`` and
+``forget2``. Sequences are sampled from each and split 80/20 into train/test.
+
+Models. ``TabularModel`` (``markov_chains``: initial and transition logits, exact MLE pretraining)
+and ``TransformerModel`` (``markov_transformer``: token-averaged CE, AdamW, 5 epochs). Target =
+pretrained on retain + forget (forget2 left out in the ``memorization`` preset); oracle = pretrained
+on retain only.
+
+Unlearning uses the generic loop :func:`npo_sim.unlearn.run` with any objective of the registry
+(:data:`npo_sim.losses.OBJECTIVES`); ``logp`` is the **summed** token log-probability, ``length`` the
+number of scored tokens (= sequence length). The IDK answer of a forget sequence is the sequence of
+the same length that stays on the no-chain state, which makes the IDK/DPO objectives available. The
+tabular model trains full batch; the transformer on minibatches (``batch_size`` forget +
+``batch_size`` retain sequences per step, drawn by a schedule fixed by ``(seed, step)``) through the
+loop's ``select`` hook, with the reference log-probs cached once.
+
+Optimisers. Tabular: plain GD (the divergence law is a statement about GD; Adam would normalise each
+row's gradient separately and erase the per-sequence weighting that separates NPO from SimNPO).
+SimNPO's forget gradient is ``(2/L)·σ(β·logp/L)`` ≈ 5e-4 of NPO's at the target (β=2.5, token NLL ≈ 2),
+so in the tabular length/memorization presets every method with the SimNPO forget term gets a ×1000
+forget step (``lr_scale``: ``lr·s`` with ``retain_weight/s``, i.e. the retain step is unchanged); GD
+paths are step-size invariant, and every method is compared at its own best step. Transformer: Adam
+(lr 1e-4) for length/memorization; GD for divergence (GA at lr 1e-4, NPO at 2e-3, so NPO reaches its
+saturating regime while GA stays finite).
+
+Metrics at every record step (all exact given the sampled test sets): next-state ``KL(truth ‖ model)``
+averaged over all prefixes of the test sequences of each source, where truth is the true chain of that
+source or the oracle model; per-token test log-likelihood; mean summed log-likelihood of the forget
+train sequences; ``‖θ_t − θ_0‖``; and for the tabular model the closed-form per-token sequence KL
+``KL(chain ‖ model)/L``. What each preset concludes is in ``markov_findings``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import losses, unlearn
+from ..losses import OBJECTIVES, get_objective
+from ..runio import NonFiniteLoss, UserError
+from ..study import Results, Study
+from .markov_chains import SOURCES, Chain, SeqSet, TabularModel, chain_kl, make_chains, rows_tensor, sample, weighted_kl
+from .markov_findings import DIVERGENCE_LAWS, FINDINGS, figure_name, method_summary
+from .markov_transformer import TransformerConfig, TransformerModel
+
+#: methods whose forget term reads the IDK answer (they need the no-chain state)
+IDK_METHODS = frozenset(n for n, o in OBJECTIVES.items() if "idk_logp" in o.needs)
+
+
+# ==================================================================================================
+# adapter for npo_sim.unlearn.run, and the exact metrics
+# ==================================================================================================
+class MarkovAdapter:
+    """Turns params into the objective's inputs on the forget/retain train sets (optionally minibatched)."""
+
+    def __init__(self, model, forget: SeqSet, retain: SeqSet, idk: SeqSet | None, evaluator: Evaluator,
+                 batch_size: int = 0, seed: int = 0) -> None:
+        self.model, self.forget, self.retain, self.idk, self.evaluator = model, forget, retain, idk, evaluator
+        self.batch_size, self.seed = batch_size, seed
+        self._fi = self._ri = None  # current minibatch (None = full batch)
+
+    def select(self, step: int, ref: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.batch_size:
+            return ref
+        rng = np.random.default_rng((self.seed, step))
+        self._fi = torch.as_tensor(rng.choice(len(self.forget), min(self.batch_size, len(self.forget)), replace=False))
+        self._ri = torch.as_tensor(rng.choice(len(self.retain), min(self.batch_size, len(self.retain)), replace=False))
+        pick = {"logp_ref": self._fi, "idk_logp_ref": self._fi, "retain_ref_logits": self._ri}
+        return {k: v[pick[k]] for k, v in ref.items()}
+
+    def _sub(self, data: SeqSet | None, idx) -> SeqSet | None:
+        return data if idx is None or data is None else data.subset(idx)
+
+    def inputs(self, params: Sequence[Tensor], keys: frozenset[str]) -> dict[str, Tensor]:
+        forget, retain = self._sub(self.forget, self._fi), self._sub(self.retain, self._ri)
+        out: dict[str, Tensor] = {}
+        if "logp" in keys:
+            out["logp"] = self.model.seq_logp(params, forget)
+        if "length" in keys:
+            out["length"] = forget.lengths.to(torch.get_default_dtype())
+        if "idk_logp" in keys:
+            out["idk_logp"] = self.model.seq_logp(params, self._sub(self.idk, self._fi))
+        if "retain_logp" in keys:
+            out["retain_logp"] = self.model.retain_logp(params, retain)
+        if "retain_logits" in keys:
+            out["retain_logits"], out["retain_mask"] = self.model.retain_logits(params, retain)
+        return out
+
+    def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        return self.evaluator(params)
+
+
+class Evaluator:
+    """Exact metrics of a parameter list over the test prefixes. Truths (true chains, oracle) are
+    precomputed once per prediction context (``model.contexts``: every prefix for the transformer, the
+    ``K+1`` distinct rows for the tabular model — the same average, computed exactly either way)."""
+
+    def __init__(self, model, chains: dict[str, Chain], test: dict[str, SeqSet], forget_eval: dict[str, SeqSet],
+                 params0: Sequence[Tensor], oracle: Sequence[Tensor], lengths: dict[str, int]) -> None:
+        self.model, self.chains, self.test, self.forget_eval, self.lengths = model, chains, test, forget_eval, lengths
+        self.params0 = [p.detach().clone() for p in params0]
+        self.ctx = {s: model.contexts(d) for s, d in test.items()}
+        with torch.no_grad():
+            self.true_p = {s: rows_tensor(chains[s])[self.ctx[s][0]] for s in test}
+            self.oracle_p = {s: model.context_logprobs(oracle, d).double().exp() for s, d in test.items()}
+
+    @torch.no_grad()
+    def __call__(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for s, d in self.test.items():
+            _, w, counts = self.ctx[s]
+            lp = self.model.context_logprobs(params, d).double()
+            out[f"kl_{s}_true"] = weighted_kl(self.true_p[s], lp, w)
+            out[f"kl_{s}_oracle"] = weighted_kl(self.oracle_p[s], lp, w)
+            out[f"ll_{s}_test"] = (counts * lp).sum() / w.sum()
+        if self.model.kind == "tabular":
+            rows_lp = F.log_softmax(self.model.row_logits(params), -1)
+            for s, c in self.chains.items():
+                out[f"ckl_{s}"] = chain_kl(c, rows_lp, self.lengths[s])
+        logps = {s: self.model.seq_logp(params, d) for s, d in self.forget_eval.items()}
+        for s, v in logps.items():
+            out[f"logp_{s}"] = v.mean()
+        out["logp_forget"] = torch.cat(list(logps.values())).mean()
+        out["param_dist"] = torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in zip(params, self.params0)))
+        return {k: v.double() for k, v in out.items()}
+
+
+# ==================================================================================================
+# configuration and presets
+# ==================================================================================================
+OPTIMIZERS = {"gd": None, "adam": lambda lr: (lambda ps: torch.optim.Adam(ps, lr=lr))}
+#: model name -> (build it for a config, how it is pretrained)
+MODELS = {
+    "tabular": (lambda cfg: TabularModel(cfg.n_states, cfg.pseudocount), "exact MLE"),
+    "transformer": (lambda cfg: TransformerModel(cfg.n_states, max(cfg.length, cfg.forget2_length), cfg.transformer,
+                                                 cfg.seed), "AdamW"),
+}
+
+
+def _choices(kind: str, value: str, options) -> None:
+    if value not in options:
+        raise UserError(f"unknown {kind} {value!r}; choose from {', '.join(options)}")
+
+
+@dataclass(frozen=True)
+class MarkovConfig:
+    """One Markov run. Build it with :func:`make_config` (preset, model tuning, quick, overrides)."""
+
+    preset: str
+    model: str = "tabular"
+    n_states: int = 10
+    group_size: int = 3
+    eps: float = 0.2
+    length: int = 20
+    forget2_length: int = 20
+    n_retain: int = 10000
+    n_forget1: int = 5000
+    n_forget2: int = 5000
+    test_frac: float = 0.2
+    pretrain_forget2: bool = True
+    methods: tuple[str, ...] = tuple(DIVERGENCE_LAWS)
+    beta: float | None = None          # None: each objective's registered default (NPO 0.1, SimNPO 2.5)
+    steps: int = 300
+    lr: float = 1.0
+    optimizer: str = "gd"
+    lr_scale: tuple[tuple[str, float], ...] = ()  # (method, s): forget-term step ×s (lr·s, retain_weight/s); gd only
+    batch_size: int = 0                # 0 = full batch
+    n_records: int = 40                # log-spaced record steps ...
+    linear_records: int = 0            # ... plus this many evenly spaced ones
+    eval_max: int = 0                  # cap on test / forget-eval sequences per source (0 = all)
+    pseudocount: float = 0.1
+    fit_from: int = 0                  # divergence fits use record steps >= fit_from (0: 1% of steps)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choices("preset", self.preset, PRESETS)
+        _choices("model", self.model, MODELS)
+        _choices("optimizer", self.optimizer, OPTIMIZERS)
+        if not (0.0 <= self.eps < 1.0):
+            raise UserError(f"eps must be in [0, 1), got {self.eps}")
+        if self.length < 2 or self.forget2_length < 2:
+            raise UserError(f"sequence length must be >= 2, got {min(self.length, self.forget2_length)}")
+        if self.n_states < 3 * self.group_size + (0 if self.eps == 0 else 1) or self.group_size < 1:
+            raise UserError(f"need n_states >= 3*group_size (+1 leak state), got {self.n_states}, {self.group_size}")
+        if min(self.n_retain, self.n_forget1, self.n_forget2) < 5 or not (0 < self.test_frac < 1):
+            raise UserError("need at least 5 sequences per source and 0 < test_frac < 1")
+        self._check_methods()
+        for name, ok, rule in (("steps", self.steps >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                               ("batch_size", self.batch_size >= 0, ">= 0"), ("n_records", self.n_records >= 3, ">= 3"),
+                               ("linear_records", self.linear_records >= 0, ">= 0"),
+                               ("eval_max", self.eval_max >= 0, ">= 0"), ("fit_from", self.fit_from >= 0, ">= 0"),
+                               ("pseudocount", self.pseudocount > 0, "> 0")):
+            if not ok:
+                raise UserError(f"{name} must be {rule}, got {getattr(self, name)}")
+        if self.beta is not None and not self.beta > 0:
+            raise UserError(f"beta must be > 0, got {self.beta}")
+        if self.lr_scale and self.optimizer != "gd":
+            raise UserError("lr_scale is only defined for optimizer 'gd'")
+        if any(not v > 0 for _, v in self.lr_scale):
+            raise UserError("lr_scale values must be > 0")
+
+    def _check_methods(self) -> None:
+        if not self.methods:
+            raise UserError("methods must name at least one objective")
+        for m in self.methods:
+            try:
+                get_objective(m)
+            except ValueError as exc:  # lists the valid names
+                raise UserError(str(exc)) from None
+            if m in IDK_METHODS and self.n_states <= 3 * self.group_size:
+                raise UserError(f"method {m!r} needs the no-chain IDK state (n_states > 3*group_size)")
+
+
+def forget_step_scale(term: str, scale: float, among: Sequence[str] | None = None) -> tuple[tuple[str, float], ...]:
+    """``lr_scale`` giving every registered method (``among`` these) whose forget term is ``term`` a ×scale step."""
+    return tuple((m, scale) for m in (losses.methods() if among is None else among) if OBJECTIVES[m].forget == term)
+
+
+#: the transformer presets run plain GA and the NPO family without reference-logit (KL) terms
+TRANSFORMER_METHODS = losses.methods(family="ga", retain_free=True) + tuple(
+    m for m in losses.methods(family="npo") if not OBJECTIVES[m].needs_ref_logits)
+#: preset -> overrides common to both models
+PRESETS = {
+    "length": dict(forget2_length=5, methods=losses.methods()),
+    "memorization": dict(pretrain_forget2=False, methods=losses.methods()),
+    "divergence": dict(methods=tuple(DIVERGENCE_LAWS)),
+}
+#: (preset or "*", model) -> overrides; then (…, "quick") on top for --quick
+TUNING = {
+    ("*", "tabular"): dict(steps=400, lr=0.05, n_records=20, linear_records=40,
+                           lr_scale=forget_step_scale("simnpo", 1000.0)),
+    ("divergence", "tabular"): dict(steps=3000, lr=1.0, n_records=50, linear_records=0, lr_scale=()),
+    ("*", "transformer"): dict(steps=400, lr=1e-4, optimizer="adam", batch_size=128, methods=TRANSFORMER_METHODS,
+                               eval_max=500, n_records=15, linear_records=20),
+    ("divergence", "transformer"): dict(steps=600, lr=1e-4, optimizer="gd", methods=tuple(DIVERGENCE_LAWS),
+                                        n_records=30, linear_records=0,
+                                        lr_scale=forget_step_scale("npo", 20.0, among=tuple(DIVERGENCE_LAWS))),
+    ("*", "tabular", "quick"): dict(n_retain=5000, n_forget1=2500, n_forget2=2500, steps=200, lr=0.1,
+                                    linear_records=25),
+    ("divergence", "tabular", "quick"): dict(steps=3000, lr=1.0, n_records=30, linear_records=0),  # laws are asymptotic
+    ("*", "transformer", "quick"): dict(n_retain=2000, n_forget1=1000, n_forget2=1000, steps=100, lr=3e-4, eval_max=300,
+                                        n_records=10, linear_records=10,
+                                        transformer=TransformerConfig(d_model=32, n_layers=2, n_heads=2)),
+    ("divergence", "transformer", "quick"): dict(steps=300, lr=1e-4, n_records=30, linear_records=0),
+}
+
+
+def make_config(preset: str, model: str = "tabular", quick: bool = False, seed: int = 0, **overrides) -> MarkovConfig:
+    """The resolved config: preset defaults, then model tuning, then quick, then explicit (non-None) overrides."""
+    _choices("preset", preset, PRESETS)
+    _choices("model", model, MODELS)
+    kw: dict = dict(PRESETS[preset])
+    keys = [("*", model), (preset, model)] + ([("*", model, "quick"), (preset, model, "quick")] if quick else [])
+    for k in keys:
+        kw.update(TUNING.get(k, {}))
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    kw["methods"] = tuple(kw["methods"])
+    return MarkovConfig(preset=preset, model=model, seed=seed, **kw)
+
+
+# ==================================================================================================
+# one experiment
+# ==================================================================================================
+def _split(x: np.ndarray, test_frac: float) -> tuple[SeqSet, SeqSet]:
+    n_test = max(1, int(round(len(x) * test_frac)))
+    return SeqSet.of(x[n_test:]), SeqSet.of(x[:n_test])
+
+
+def build_data(cfg: MarkovConfig) -> tuple[dict[str, Chain], dict[str, tuple[SeqSet, SeqSet]]]:
+    """The chains and, per source, its (train, test) sequences, sampled from one ``seed``-ed generator."""
+    chains = make_chains(cfg.n_states, cfg.group_size, cfg.eps)
+    rng = np.random.default_rng(cfg.seed)
+    sizes = {"retain": (cfg.n_retain, cfg.length), "forget1": (cfg.n_forget1, cfg.length),
+             "forget2": (cfg.n_forget2, cfg.forget2_length)}
+    return chains, {s: _split(sample(chains[s], n, L, rng), cfg.test_frac) for s, (n, L) in sizes.items()}
+
+
+def _cap(d: SeqSet, n: int) -> SeqSet:
+    return d if not n or len(d) <= n else d.subset(slice(0, n))
+
+
+def record_steps(cfg: MarkovConfig) -> list[int]:
+    """Log-spaced record steps plus ``linear_records`` evenly spaced ones."""
+    return sorted(set(unlearn.log_steps(cfg.steps, cfg.n_records))
+                  | set(np.linspace(0, cfg.steps, cfg.linear_records).round().astype(int).tolist()))
+
+
+def _unlearn_all(cfg: MarkovConfig, model, forget: SeqSet, retain: SeqSet, idk: SeqSet | None,
+                 evaluator: Evaluator, target: list[Tensor], progress: bool) -> tuple[pd.DataFrame, dict]:
+    """Unlearn every method from the target; return (tidy curves, {method: step its loss went non-finite})."""
+    record, opt = record_steps(cfg), OPTIMIZERS[cfg.optimizer]
+    frames, diverged = [], {}
+    for method in cfg.methods:
+        t1 = time.perf_counter()
+        scale = dict(cfg.lr_scale).get(method, 1.0)
+        obj = get_objective(method, beta=cfg.beta, retain_weight=OBJECTIVES[method].retain_weight / scale)
+        adapter = MarkovAdapter(model, forget, retain, idk, evaluator, cfg.batch_size, cfg.seed)
+        try:
+            res = unlearn.run(adapter, obj, target, steps=cfg.steps, lr=cfg.lr * scale, record_at=record,
+                              optimizer=opt(cfg.lr) if opt else None)
+        except NonFiniteLoss as exc:  # a diverged run is a result: keep its records up to that step
+            res, diverged[method] = exc.rows, exc.step
+        frames.append(pd.DataFrame(res).drop(columns="replica").assign(method=method))
+        if progress:
+            print(f"  {method}: {time.perf_counter() - t1:.1f}s", flush=True)
+    curves = pd.concat(frames, ignore_index=True)
+    curves.insert(0, "model", cfg.model)
+    curves.insert(0, "preset", cfg.preset)
+    return curves, diverged
+
+
+def simulate(cfg: MarkovConfig, progress: bool = False) -> Results:
+    """Run every method of ``cfg``: the ``curves`` table and the summary (with its findings). Writes nothing."""
+    torch.manual_seed(cfg.seed)
+    chains, data = build_data(cfg)
+    train = {s: d[0] for s, d in data.items()}
+    build, pretrain_method = MODELS[cfg.model]
+    model = build(cfg)
+    pre_sources = [s for s in SOURCES if s != "forget2" or cfg.pretrain_forget2]
+    target, target_nll = model.pretrain(SeqSet.cat([train[s] for s in pre_sources]), cfg.seed)
+    oracle, oracle_nll = model.pretrain(train["retain"], cfg.seed + 1)
+
+    forget = SeqSet.cat([train["forget1"], train["forget2"]])
+    idk = SeqSet(torch.full_like(forget.seqs, cfg.n_states - 1), forget.lengths) \
+        if cfg.n_states > 3 * cfg.group_size else None
+    lengths = {"retain": cfg.length, "forget1": cfg.length, "forget2": cfg.forget2_length}
+    evaluator = Evaluator(model, chains, {s: _cap(data[s][1], cfg.eval_max) for s in SOURCES},
+                          {s: _cap(train[s], cfg.eval_max) for s in ("forget1", "forget2")}, target, oracle, lengths)
+    reference = {name: {k: float(v) for k, v in evaluator(p).items()}
+                 for name, p in (("target", target), ("oracle", oracle))}
+    curves, diverged = _unlearn_all(cfg, model, forget, train["retain"], idk, evaluator, target, progress)
+    summary = {
+        "config": cfg,
+        "pretrain": {"target_token_nll": target_nll, "oracle_token_nll": oracle_nll,
+                     "target_sources": pre_sources, "method": pretrain_method},
+        "reference": reference,
+        "methods": {m: method_summary(curves[curves.method == m]) for m in cfg.methods},
+        "diverged_at_step": diverged,
+    }
+    summary["findings"] = FINDINGS[cfg.preset].analyse(cfg, curves, summary)
+    return Results({"curves": curves}, summary)
+
+
+# ==================================================================================================
+# the Study, and the runs `npo-sim figures` makes
+# ==================================================================================================
+def findings(results: Results, cfg: MarkovConfig) -> list:
+    """The preset's claim, judged on the summary's findings block."""
+    return [FINDINGS[cfg.preset].claim(results.summary["findings"], cfg)]
+
+
+def figures(results: Results, cfg: MarkovConfig) -> dict:
+    """``markov_<preset>_<model>.png``, drawn from the curves and the summary."""
+    from ..plots.markov import PLOTS
+
+    return {figure_name(cfg): PLOTS[cfg.preset](results.tables["curves"], results.summary)}
+
+
+STUDY = Study("markov", simulate, findings, figures)
+
+#: run directory -> (preset, model) of the Markov rows of figures/REPORT.md, in report order
+REPORT_RUNS = {"markov_length": ("length", "tabular"), "markov_memorization": ("memorization", "tabular"),
+               "markov_divergence": ("divergence", "tabular"),
+               "markov_divergence_transformer": ("divergence", "transformer")}
+#: steps of a smoke run, per model
+SMOKE_STEPS = {"tabular": 100, "transformer": 20}
+
+
+def smoke_overrides(model: str) -> dict:
+    """Few steps, and only the methods the claims of that model's report runs read (in registry order)."""
+    reads = {m for preset, mod in REPORT_RUNS.values() if mod == model for m in FINDINGS[preset].reads}
+    return dict(steps=SMOKE_STEPS[model], methods=tuple(m for m in losses.methods() if m in reads))
+
+
+def report_configs(smoke: bool) -> dict[str, MarkovConfig]:
+    """The runs ``npo-sim figures`` makes: each preset's quick config (``smoke``: shrunk to a test)."""
+    return {name: make_config(preset, model, quick=True, **(smoke_overrides(model) if smoke else {}))
+            for name, (preset, model) in REPORT_RUNS.items()}
