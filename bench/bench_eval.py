@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from full_scale import aggregate as A
 from full_scale import evaluate as E
 from full_scale.data import encode_qa, mini_finetune_corpus, pad_batch, resolve_data_dir
+from full_scale.generate import greedy_generate
 from full_scale.models import count_parameters, load_model, save_checkpoint
 from npo_sim.runio import write_json
 
@@ -63,17 +65,18 @@ def naive_log(model, tok, fmt, sets, max_new_tokens: int) -> dict:
     """The per-sample baseline: every NLL and every generation at batch size 1, in data order."""
     log = {}
     for key, items in sets.items():
-        t = {k: {} for k in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall", "generated_text")}
+        t = {k: {} for k in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall",
+                             "generated_text")}
         for i, it in enumerate(items):
 
-            def avg(a):
-                loss, n = E.answer_nll(model, tok, fmt, [(it.question, a)], batch_size=1)
+            def avg(a, q=it.question):
+                loss, n = E.answer_nll(model, tok, fmt, [(q, a)], batch_size=1)
                 return float(loss[0] / n[0])
 
             t["avg_gt_loss"][str(i)] = avg(it.answer)
             t["avg_paraphrased_loss"][str(i)] = avg(it.base)
             t["average_perturb_loss"][str(i)] = [avg(a) for a in it.perturbed]
-            gen = E.greedy_generate(model, tok, fmt, [it.question], batch_size=1, max_new_tokens=max_new_tokens)[0]
+            gen = greedy_generate(model, tok, fmt, [it.question], batch_size=1, max_new_tokens=max_new_tokens)[0]
             t["generated_text"][str(i)] = gen
             t["rougeL_recall"][str(i)] = E.rouge_recall([gen], [it.answer])[1][0]
         log[key] = t
@@ -88,7 +91,8 @@ def _timed(fn):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: a fresh tiny-llama 1M, briefly fine-tuned)")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint directory (default: a fresh tiny-llama 1M, briefly fine-tuned)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--ds-size", type=int, default=60, help="questions per eval set")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -117,8 +121,8 @@ def main(argv=None) -> int:
                                                               max_new_tokens=args.max_new_tokens))
     naive, n_wall, n_cpu = _timed(lambda: naive_log(model, tok, fmt, sets, args.max_new_tokens))
 
-    a, b = E.aggregate(batched, batched), E.aggregate(naive, naive)
-    keys = ("model_utility", *E.UTILITY_KEYS, *E.FORGET_KEYS)
+    a, b = A.aggregate(batched, batched), A.aggregate(naive, naive)
+    keys = ("model_utility", *A.UTILITY_KEYS, *A.FORGET_KEYS)
     metric_diff = max(abs(a[k] - b[k]) for k in keys)
     loss_diff = 0.0
     for key in sets:
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
             x = np.array(list(batched[key][m].values()))
             y = np.array(list(naive[key][m].values()))
             loss_diff = max(loss_diff, float(np.abs(x - y).max()))
-    gens_equal = all(batched[k]["generated_text"][i][1] == naive[k]["generated_text"][i] for k in sets for i in naive[k]["generated_text"])
+    gens_equal = all(batched[k]["generated_text"][i][1] == naive[k]["generated_text"][i]
+                     for k in sets for i in naive[k]["generated_text"])
     mean_gen_tokens = float(np.mean([len(tok(batched[k]["generated_text"][i][1])["input_ids"])
                                      for k in sets for i in batched[k]["generated_text"]]))
     result = {

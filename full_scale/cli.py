@@ -1,25 +1,301 @@
-"""``npo-tofu``: TOFU fine-tuning, unlearning, evaluation and reports. ``npo-tofu COMMAND --help``."""
+"""``npo-tofu``: TOFU fine-tuning, unlearning, evaluation and reports. ``npo-tofu COMMAND --help``.
+
+All of npo-tofu's argument parsing lives here: each command has an ``add_<command>_arguments`` and a
+``<command>_main``, which turns the parsed flags into frozen records (:mod:`full_scale.config`,
+:class:`full_scale.study.StudyConfig`) and hands them to the code that runs them. Bad input is one
+line on stderr and exit 2; a diverged training run (non-finite loss) exit 3.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 
-from npo_sim._cliutil import build_and_run
+from npo_sim._cliutil import add_debug_flag, guarded
+from npo_sim._cliutil import split_commas as comma_list
+from npo_sim.runio import write_json
 
-#: subcommand -> (module defining add_<cmd>_arguments/<cmd>_main (or add_arguments/main), help)
+from . import config as C
+from .data import PROMPT_FORMATS
+
+
+# --------------------------------------------------------------------------------------------------
+# finetune / unlearn
+# --------------------------------------------------------------------------------------------------
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF id, local dir, run dir, or tiny-llama[:1m|5m|20m]")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--data-dir", default=None, help="TOFU JSON-lines directory (default $NPO_TOFU_DIR)")
+    p.add_argument("--preset", choices=tuple(C.PRESETS), default="tofu",
+                   help="tofu: the real splits; mini: tofu-mini (the 20 authors of forget10)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per-device micro-batch")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--ga-reduction", choices=C.GA_REDUCTIONS, default="mean",
+                   help="reduction of plain likelihood terms (ga, idk, retain nll, fine-tuning): per-token "
+                        "mean (HF/TOFU convention, default) or sum over answer tokens")
+    p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs")
+    p.add_argument("--keep-checkpoints", type=int, default=1, help="keep the last N epoch checkpoints")
+    p.add_argument("--dtype", choices=C.DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--prompt-format", choices=tuple(PROMPT_FORMATS), default=None,
+                   help="override the model family's prompt format")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--stop-after-epoch", type=int, default=None,
+                   help="stop (as if killed) after checkpointing this epoch; for resume tests")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (benchmarks)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    # collapse detector (logged for finetune too, where it rarely fires)
+    p.add_argument("--collapse-k", type=float, default=5.0,
+                   help="flag collapse when the retain NLL exceeds k x its initial value")
+    p.add_argument("--collapse-questions", type=int, default=4,
+                   help="retain questions answered greedily after every epoch to detect degenerate output")
+    p.add_argument("--stop-on-collapse", action="store_true")
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", required=True,
+                   help="full or retainYY (with --preset mini also 'retain' = the complement of --forget)")
+    p.add_argument("--forget", default="forget10", help="with --split retain: whose complement to fit")
+    _common_arguments(p)
+
+
+def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--forget", default="forget10", help="forgetXX")
+    p.add_argument("--retain", default=None, help="retainYY (default: the complement of --forget)")
+    p.add_argument("--method", required=True, help="an npo_sim.losses.OBJECTIVES name (ga, npo_rt, ...)")
+    p.add_argument("--beta", type=float, default=None, help="default: the objective's (0.1; 2.5 for simnpo)")
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--retain-weight", type=float, default=None)
+    p.add_argument("--ref-mode", choices=C.REF_MODES, default="cached",
+                   help="cached: reference log-probs computed once before training; model: a frozen copy")
+    # per-epoch evaluation hook, implemented in full_scale.evaluate.evaluate_epoch
+    p.add_argument("--eval-every-epoch", action="store_true",
+                   help="evaluate (full_scale.evaluate.evaluate_epoch) after every epoch")
+    p.add_argument("--eval-ds-size", type=int, default=None, help="questions per eval set (default: TOFU's 300)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="per-epoch eval batch (default 16)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None,
+                   help="greedy answer length for the per-epoch ROUGE (default 128)")
+    p.add_argument("--retain-log", default=None,
+                   help="retain model's TOFU-format eval log, for forget quality in the per-epoch eval")
+    _common_arguments(p)
+
+
+_RUN_FLAGS = ("model", "out", "data_dir", "epochs", "lr", "batch_size", "grad_accum", "warmup_epochs",
+              "weight_decay", "seed", "max_length", "ga_reduction", "save_every", "keep_checkpoints", "collapse_k",
+              "collapse_questions", "stop_on_collapse", "dtype", "prompt_format")
+
+
+def _run_config(command: str, args) -> C.RunConfig:
+    return C.run_config(command, args.preset, **{k: getattr(args, k) for k in _RUN_FLAGS})
+
+
+def _launch(args) -> C.Launch:
+    return C.Launch(resume=args.resume, stop_after_epoch=args.stop_after_epoch, max_steps=args.max_steps,
+                    threads=args.threads, cpu=args.cpu, progress=not args.no_progress)
+
+
+def finetune_job(args) -> C.TrainJob:
+    return C.TrainJob(_run_config("finetune", args), C.finetune_spec(args.split, args.forget))
+
+
+def unlearn_job(args) -> C.TrainJob:
+    run = _run_config("unlearn", args)
+    spec = C.unlearn_spec(args.forget, args.retain, args.method, beta=args.beta, gamma=args.gamma,
+                          retain_weight=args.retain_weight, ref_mode=args.ref_mode)
+    ev = None
+    if args.eval_every_epoch:
+        ev = C.epoch_eval_spec(run, spec, args.retain_log, ds_size=args.eval_ds_size,
+                               batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens)
+    return C.TrainJob(run, spec, ev)
+
+
+def finetune_main(args) -> int:
+    from .train import run
+
+    return run(finetune_job(args), _launch(args))
+
+
+def unlearn_main(args) -> int:
+    from .train import run
+
+    return run(unlearn_job(args), _launch(args))
+
+
+# --------------------------------------------------------------------------------------------------
+# eval / aggregate
+# --------------------------------------------------------------------------------------------------
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory, HF id, or tiny-llama[:SIZE]")
+    p.add_argument("--forget-split", required=True,
+                   help="forget01/05/10/20/30/50/90, or mini-forget10/20/50 for tofu-mini")
+    p.add_argument("--out", required=True, help="output directory: eval_log_aggregated.json and summary.json")
+    p.add_argument("--retain-log", default=None,
+                   help="the retain model's eval_log_aggregated.json: adds forget quality")
+    p.add_argument("--data-dir", default=None, help="TOFU data directory (default: $NPO_TOFU_DIR)")
+    p.add_argument("--ds-size", type=int, default=300, help="questions per eval set (TOFU: 300)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of NLL and generation")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="greedy generation length for ROUGE")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def eval_job(args) -> C.EvalJob:
+    spec = C.EvalSpec(forget_split=args.forget_split, retain_log=args.retain_log, data_dir=args.data_dir,
+                      ds_size=args.ds_size, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device)
+
+
+def eval_main(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(eval_job(args))
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    fq = f"FQ {summary['forget_quality']:.4g}  " if "forget_quality" in summary else ""
+    print(f"{fq}MU {summary['model_utility']:.4f}  forget ROUGE {summary['forget_rouge']:.4f}  "
+          f"({summary['eval_seconds']:.1f} s) -> {args.out}")
+    return 0
+
+
+def add_aggregate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt-log", required=True,
+                   help="eval_log_aggregated.json of the evaluated model (or its directory)")
+    p.add_argument("--retain-log", required=True, help="eval_log_aggregated.json of the retain (oracle) model")
+    p.add_argument("--out", default=None, help="also write the JSON object to this file")
+
+
+def aggregate_main(args) -> int:
+    from .aggregate import aggregate
+
+    result = aggregate(args.ckpt_log, args.retain_log)
+    result = {**result, "ckpt_log": str(args.ckpt_log), "retain_log": str(args.retain_log)}
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# report / study
+# --------------------------------------------------------------------------------------------------
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="*", help="npo-tofu unlearn --eval-every-epoch run directories")
+    p.add_argument("--out", default="runs/report", help="output directory")
+    p.add_argument("--target-eval", action="append", default=[],
+                   help="the target's npo-tofu eval summary.json (or its directory), one per forget split; repeatable")
+    p.add_argument("--mu-fraction", type=float, default=0.9, help="MU floor for the best-FQ table, × target MU")
+
+
+def report_main(args) -> int:
+    import pandas as pd
+
+    from .report import TABLE_COLUMNS, build_report, table_markdown
+
+    s = build_report(args.run_dirs, args.out, args.target_eval, args.mu_fraction)
+    print(table_markdown(pd.DataFrame(s["best_fq"], columns=list(TABLE_COLUMNS))))
+    if s["missing_targets"]:
+        print(f"note: no --target-eval for {', '.join(s['missing_targets'])}: no MU threshold, best FQ left empty")
+    print(f"wrote {args.out}/best_fq.csv, best_fq.md, eval_curves.csv, lm_curves.csv, fq_mu_trajectories.png, "
+          "summary.json")
+    return 0
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    from npo_sim.losses import methods
+
+    p.add_argument("--preset", choices=("mini", "tofu"), default="mini",
+                   help="mini: tofu-mini on CPU with tiny-llama; tofu: the real splits (GPU)")
+    p.add_argument("--model", default=None, help="tiny-llama[:1m|5m|20m] (mini default 5m) or an HF id")
+    p.add_argument("--forget", default=None,
+                   help="comma list (mini default mini-forget10,mini-forget50; tofu default forget10)")
+    p.add_argument("--retain", default=None, help="comma list aligned with --forget (default: the complements)")
+    p.add_argument("--methods", default=",".join(methods("tofu-mini")), help="comma list of npo_sim.losses objectives")
+    p.add_argument("--epochs", type=int, default=None, help="unlearning epochs (preset default: 10)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (preset default)")
+    p.add_argument("--lr", type=float, default=None, help="unlearning lr (preset default)")
+    p.add_argument("--finetune-lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per-device batch, fine-tuning and unlearning")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="study directory (default runs/tofu-mini or runs/tofu)")
+    p.add_argument("--figures", default="figures", help="copy the small outputs into FIGURES/tofu_<preset>; '' = don't")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--eval-ds-size", type=int, default=None, help="questions per eval set (mini 40, tofu 300)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy tokens for ROUGE (mini 32, tofu 128)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each stage")
+    p.add_argument("--launcher", default=None,
+                   help="prefix of training stages, e.g. "
+                        "'accelerate launch --config_file full_scale/accelerate/multi_gpu.yaml'")
+    p.add_argument("--theory-dir", default="runs/figures/theory", help="logistic lab run (computed --quick if absent)")
+    p.add_argument("--markov-dir", default="runs/figures/markov_divergence",
+                   help="Markov divergence run (computed --quick if absent)")
+    p.add_argument("--train-args", default="",
+                   help="extra flags for every finetune/unlearn stage, e.g. '--dtype float32' under FSDP")
+    p.add_argument("--jobs", type=int, default=1, help="stages run at once within a group (CPU: 1-2)")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
+    p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
+
+
+_STUDY_FLAGS = ("preset", "model", "epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "grad_accum",
+                "seed", "out", "figures", "data_dir", "eval_ds_size", "eval_max_new_tokens", "eval_batch_size",
+                "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs")
+
+
+def study_main(args) -> int:
+    from .study import run_study, study_config
+
+    cfg = study_config(forget=comma_list(args.forget), retain=comma_list(args.retain),
+                       methods=comma_list(args.methods), **{k: getattr(args, k) for k in _STUDY_FLAGS})
+    return run_study(cfg, dry_run=args.dry_run, report_only=args.report_only)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------------
+#: command -> (help, add arguments, main)
 COMMANDS = {
-    "finetune": ("full_scale.train", "fine-tune a target (full) or oracle (retainYY) model on TOFU"),
-    "unlearn": ("full_scale.train", "unlearn forgetXX with any npo_sim objective"),
-    "eval": ("full_scale.evaluate", "evaluate a checkpoint with TOFU's exact metrics"),
-    "aggregate": ("full_scale.evaluate", "forget quality and model utility from TOFU-format logs (no model)"),
-    "report": ("full_scale.report", "tables and figures from run directories"),
-    "study": ("full_scale.report", "the tofu-mini study (fine-tune, unlearn, evaluate, report)"),
+    "finetune": ("fine-tune a target (full) or oracle (retainYY) model on TOFU", add_finetune_arguments, finetune_main),
+    "unlearn": ("unlearn forgetXX with any npo_sim objective", add_unlearn_arguments, unlearn_main),
+    "eval": ("evaluate a checkpoint with TOFU's exact metrics", add_eval_arguments, eval_main),
+    "aggregate": ("forget quality and model utility from TOFU-format logs (no model)", add_aggregate_arguments,
+                  aggregate_main),
+    "report": ("tables and figures from run directories", add_report_arguments, report_main),
+    "study": ("the tofu-mini study (fine-tune, unlearn, evaluate, report)", add_study_arguments, study_main),
 }
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="npo-tofu", description=__doc__.splitlines()[0])
+    add_debug_flag(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return p
+
+
 def main(argv=None) -> int:
-    return build_and_run("npo-tofu", __doc__, COMMANDS, argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 0
+    return guarded("npo-tofu", args, COMMANDS[args.command][2], errors=_expected_errors())
 
 
-if __name__ == "__main__":
+def _expected_errors() -> dict[type[BaseException], int]:
+    """Failures of the model stack that are bad input, not bugs (a truncated safetensors file, ...)."""
+    from safetensors import SafetensorError
+
+    return {SafetensorError: 2}
+
+
+if __name__ == "__main__":  # also the torchrun / accelerate launch entry: python -m full_scale.cli unlearn ...
     sys.exit(main())

@@ -238,6 +238,24 @@ def forget_retain(forget: str, retain: str, preset: str | None, data_dir=None) -
 
 
 # --------------------------------------------------------------------------------------------------
+# split naming (the one home of these rules)
+# --------------------------------------------------------------------------------------------------
+def retain_of(forget: str) -> str:
+    """The complement of a forget split: ``forget10`` (or ``mini-forget10``) -> ``retain90``."""
+    pct = forget.removeprefix("mini-").removeprefix("forget")
+    if not (pct.isdigit() and len(pct) == 2):
+        raise UserError(f"forget split must look like forgetXX, got {forget!r}")
+    return f"retain{100 - int(pct):02d}"
+
+
+def eval_split(forget: str, preset: str | None) -> str:
+    """The eval split of an unlearning run on ``forget``: ``mini-forgetXX`` under the mini preset."""
+    if preset == "mini" and not forget.startswith("mini-"):
+        return f"mini-{forget}"
+    return forget
+
+
+# --------------------------------------------------------------------------------------------------
 # pairing (seeded, reproducible)
 # --------------------------------------------------------------------------------------------------
 def pair_retain(n_forget: int, n_retain: int, seed: int, epoch: int) -> list[int]:

@@ -49,7 +49,8 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: 
     return logprobs_from_logits(forward_logits(model, input_ids, attention_mask), labels)
 
 
-def token_logits(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def token_logits(model, input_ids: Tensor, attention_mask: Tensor,
+                 labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward for the KL terms: ``(logp_sum, count, answer_logits (B, T-1, V), answer_mask (B, T-1))``.
 
     ``answer_logits`` are the shifted logits whose targets are answer tokens (masked by

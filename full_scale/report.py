@@ -1,6 +1,6 @@
-"""``npo-tofu report`` (tables and figures from run directories) and ``npo-tofu study`` (the tofu-mini study).
+"""``npo-tofu report``: tables and figures from run directories, and the TOFU claims of ``figures/REPORT.md``.
 
-**report.** From any set of ``npo-tofu unlearn --eval-every-epoch`` run directories (each holding
+From any set of ``npo-tofu unlearn --eval-every-epoch`` run directories (each holding
 ``config.json``, ``train_log.csv`` and ``eval_curve.csv``) and, optionally, the target model's
 ``npo-tofu eval`` summaries (``--target-eval``, one per forget split), it writes into ``--out``:
 
@@ -14,52 +14,34 @@
   batch log-likelihood computed in that step (at the weights before the update);
 * ``summary.json``: the inputs, the table and the target points.
 
-**study.** Fine-tunes the target (``--split full``) and one oracle per forget split (``retainYY``),
-evaluates both (the oracle's log is the reference for FQ, the target's MU the baseline), unlearns
-every forget split × method with ``--eval-every-epoch``, then runs the report and the side-by-side
-figure. Each stage runs as a subprocess (``--launcher`` prefixes training stages, e.g. ``accelerate
-launch --config_file ...``) and is skipped when its finished outputs exist, so a killed study resumes.
+:func:`claims` turns the committed outputs of the tofu-mini study (``figures/tofu_mini/``, written by
+``npo-tofu study``, :mod:`full_scale.study`) into the TOFU rows of ``figures/REPORT.md``; ``npo-sim
+figures`` asks this package for them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from npo_sim.runio import UserError, save_figure, write_bytes, write_csv, write_json, write_text
+from npo_sim.claims import FAILS, HOLDS, NA, PARTLY, Claim, all_any, verdict
+from npo_sim.losses import OBJECTIVES, color, label, methods
+from npo_sim.runio import UserError, save_figure, write_csv, write_json, write_text
 
-MINI_METHODS = ("ga", "ga_rt", "ga_kl", "idk_rt", "npo", "npo_rt", "npo_kl", "simnpo")
+from .data import eval_split
+
 LM_COLUMNS = ("split", "method", "step", "param_distance", "forget_logp_sum", "forget_logp_token")
 TABLE_COLUMNS = ("split", "method", "target_mu", "mu_threshold", "best_fq", "best_epoch", "mu_at_best",
                  "last_epoch", "fq_last", "mu_last", "max_fq_any_mu")
-#: a hand-written section of figures/<study>/results.md that a re-run keeps
-NOTES_HEADING = "## Reading these results"
-#: small report files copied into figures/<study>/
-REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_curves.csv", "lm_curves.csv",
-                "summary.json", "side_by_side.png", "results.md", "timings.json")
 
 
 # --------------------------------------------------------------------------------------------------
 # reading run directories
 # --------------------------------------------------------------------------------------------------
-def eval_split_of(cfg: dict) -> str:
-    """The eval split name of an unlearning run (``mini-`` prefixed under the mini preset)."""
-    split = cfg.get("forget") or ""
-    if cfg.get("preset") == "mini" and not split.startswith("mini-"):
-        split = f"mini-{split}"
-    return split
-
-
 def load_run(run_dir) -> dict:
     """``{dir, config, split, method, train_log, eval_curve}`` of one unlearning run directory."""
     d = Path(run_dir)
@@ -80,7 +62,8 @@ def load_run(run_dir) -> dict:
             raise UserError(f"{d / name}: missing column(s) {', '.join(missing)}")
     if curve.empty:
         raise UserError(f"{d / 'eval_curve.csv'}: no evaluated epochs")
-    return {"dir": str(d), "config": cfg, "split": eval_split_of(cfg), "method": cfg["method"],
+    return {"dir": str(d), "config": cfg, "split": eval_split(cfg.get("forget") or "", cfg.get("preset")),
+            "method": cfg["method"],
             "train_log": log, "eval_curve": curve.sort_values("epoch").reset_index(drop=True)}
 
 
@@ -124,16 +107,15 @@ def best_fq_table(runs: list[dict], targets: dict[str, dict], mu_fraction: float
         t = targets.get(r["split"])
         rows.append({"split": r["split"], "method": r["method"],
                      **best_fq_row(r["eval_curve"], t["model_utility"] if t else None, mu_fraction)})
-    order = {m: i for i, m in enumerate(MINI_METHODS)}
+    order = {m: i for i, m in enumerate(OBJECTIVES)}  # registry (display) order
     df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return df.sort_values(["split", "method"], key=lambda s: s.map(order).fillna(99) if s.name == "method" else s,
                           kind="stable").reset_index(drop=True)
 
 
 def table_markdown(df: pd.DataFrame) -> str:
-    from npo_sim.plots import label
-
-    head = "| split | method | best FQ (MU ≥ thr) | epoch | MU there | MU thr | last FQ | last MU |\n|---|---|---|---|---|---|---|---|\n"
+    head = ("| split | method | best FQ (MU ≥ thr) | epoch | MU there | MU thr | last FQ | last MU |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     f = lambda v, fmt: "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)  # noqa: E731
     lines = [f"| {r.split} | {label(r.method)} | {f(r.best_fq, '.3g')} | {f(r.best_epoch, '.0f')} | "
              f"{f(r.mu_at_best, '.3f')} | {f(r.mu_threshold, '.3f')} | {f(r.fq_last, '.3g')} | {f(r.mu_last, '.3f')} |"
@@ -171,7 +153,7 @@ def eval_curves(runs: list[dict], targets: dict[str, dict]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 def plot_trajectories(curves: pd.DataFrame, targets: dict[str, dict], out_path, mu_fraction: float = 0.9):
     """FQ (log) vs MU per split, one line per method through the epochs, the target as a star."""
-    from npo_sim.plots import color, label, new_figure
+    from npo_sim.plots import new_figure
 
     splits = list(dict.fromkeys(curves["split"]))
     fig, axes = new_figure(ncols=len(splits), width=4.8, height=3.8)
@@ -227,7 +209,8 @@ def build_report(run_dirs, out, target_evals=(), mu_fraction: float = 0.9) -> di
     write_csv(out / "lm_curves.csv", lm)
     plot_trajectories(curves, targets, out / "fq_mu_trajectories.png", mu_fraction)
     summary = {
-        "runs": [{"dir": r["dir"], "split": r["split"], "method": r["method"], "epochs": int(r["eval_curve"]["epoch"].max()),
+        "runs": [{"dir": r["dir"], "split": r["split"], "method": r["method"],
+                  "epochs": int(r["eval_curve"]["epoch"].max()),
                   "steps": int(r["train_log"]["step"].max()), "config": r["config"]} for r in runs],
         "targets": {s: {k: t.get(k) for k in ("path", "model_utility", "forget_quality", "forget_rouge", "n_forget")}
                     for s, t in targets.items()},
@@ -239,298 +222,90 @@ def build_report(run_dirs, out, target_evals=(), mu_fraction: float = 0.9) -> di
     return summary
 
 
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="*", help="npo-tofu unlearn --eval-every-epoch run directories")
-    p.add_argument("--out", default="runs/report", help="output directory")
-    p.add_argument("--target-eval", action="append", default=[],
-                   help="the target's npo-tofu eval summary.json (or its directory), one per forget split; repeatable")
-    p.add_argument("--mu-fraction", type=float, default=0.9, help="MU floor for the best-FQ table, × target MU")
-
-
-def report_main(args) -> int:
-    s = build_report(args.run_dirs, args.out, args.target_eval, args.mu_fraction)
-    print(table_markdown(pd.DataFrame(s["best_fq"], columns=list(TABLE_COLUMNS))))
-    if s["missing_targets"]:
-        print(f"note: no --target-eval for {', '.join(s['missing_targets'])}: no MU threshold, best FQ left empty")
-    print(f"wrote {args.out}/best_fq.csv, best_fq.md, eval_curves.csv, lm_curves.csv, fq_mu_trajectories.png, summary.json")
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------
-# npo-tofu study
+# the TOFU claims of figures/REPORT.md, from the committed tofu_mini/ outputs
 # --------------------------------------------------------------------------------------------------
-def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=("mini", "tofu"), default="mini",
-                   help="mini: tofu-mini on CPU with tiny-llama; tofu: the real splits (GPU)")
-    p.add_argument("--model", default=None, help="tiny-llama[:1m|5m|20m] (mini default 5m) or an HF id")
-    p.add_argument("--forget", default=None,
-                   help="comma list (mini default mini-forget10,mini-forget50; tofu default forget10)")
-    p.add_argument("--retain", default=None, help="comma list aligned with --forget (default: the complements)")
-    p.add_argument("--methods", default=",".join(MINI_METHODS), help="comma list of npo_sim.losses objectives")
-    p.add_argument("--epochs", type=int, default=None, help="unlearning epochs (preset default: 10)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (preset default)")
-    p.add_argument("--lr", type=float, default=None, help="unlearning lr (preset default)")
-    p.add_argument("--finetune-lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per-device batch, fine-tuning and unlearning")
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="study directory (default runs/tofu-mini or runs/tofu)")
-    p.add_argument("--figures", default="figures", help="copy the small outputs into FIGURES/tofu_<preset>; '' = don't")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--eval-ds-size", type=int, default=None, help="questions per eval set (mini 40, tofu 300)")
-    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy tokens for ROUGE (mini 32, tofu 128)")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None, help="torch threads of each stage")
-    p.add_argument("--launcher", default=None,
-                   help="prefix of training stages, e.g. 'accelerate launch --config_file full_scale/accelerate/multi_gpu.yaml'")
-    p.add_argument("--theory-dir", default="runs/figures/theory", help="logistic lab run (computed --quick if absent)")
-    p.add_argument("--markov-dir", default="runs/figures/markov_divergence",
-                   help="Markov divergence run (computed --quick if absent)")
-    p.add_argument("--train-args", default="",
-                   help="extra flags for every finetune/unlearn stage, e.g. '--dtype float32' under FSDP")
-    p.add_argument("--jobs", type=int, default=1, help="stages run at once within a group (CPU: 1-2)")
-    p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
-    p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
+#: the retain-regularised NPO methods and the GA method each is compared with
+NPO_VS_GA = {"npo_rt": "ga_rt", "npo_kl": "ga_kl"}
 
 
-def _split_list(s: str | None) -> list[str]:
-    return [x.strip() for x in (s or "").split(",") if x.strip()]
+def _ga_destroys_utility(best: pd.DataFrame, tag: str, fig: str) -> Claim:
+    ga = best[best.method == "ga"]
+    rel = (ga.mu_last / ga.target_mu).tolist()
+    return Claim(f"{tag}: GA without a retain term destroys model utility",
+                 "; ".join(f"{r.split}: MU {r.target_mu:.3f}→{r.mu_last:.3f}" for r in ga.itertuples()),
+                 verdict(max(rel) < 0.1) if rel else NA, fig,
+                 "holds when GA's last-epoch MU is below 0.1 × the target's MU on every split")
 
 
-def plan_study(args) -> tuple[list[dict], dict]:
-    """The study's stages ``{name, kind, cmd, out, done}`` and the resolved settings."""
-    from npo_sim.losses import OBJECTIVES
-
-    from .train import _retain_of
-
-    mini = args.preset == "mini"
-    model = args.model or ("tiny-llama:5m" if mini else None)
-    if model is None:
-        raise UserError("--model is required with --preset tofu (an HF id such as meta-llama/Llama-2-7b-chat-hf)")
-    forgets = _split_list(args.forget) or (["mini-forget10", "mini-forget50"] if mini else ["forget10"])
-    retains = _split_list(args.retain) or [_retain_of(f) for f in forgets]
-    if len(retains) != len(forgets):
-        raise UserError(f"--retain has {len(retains)} entries, --forget {len(forgets)}")
-    for f in forgets:
-        if mini != f.startswith("mini-"):
-            raise UserError(f"--forget {f}: use mini-forgetXX with --preset mini and forgetXX with --preset tofu")
-    methods = _split_list(args.methods)
-    unknown = [m for m in methods if m not in OBJECTIVES]
-    if not methods or unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(OBJECTIVES)}")
-    for name in ("epochs", "finetune_epochs", "batch_size", "grad_accum", "eval_ds_size", "eval_max_new_tokens",
-                 "eval_batch_size", "threads", "jobs"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    out = Path(args.out or ("runs/tofu-mini" if mini else "runs/tofu"))
-    settings = {"preset": args.preset, "model": model, "forget": forgets, "retain": retains, "methods": methods,
-                "eval_ds_size": args.eval_ds_size or (40 if mini else 300),
-                "eval_max_new_tokens": args.eval_max_new_tokens or (32 if mini else 128),
-                "eval_batch_size": args.eval_batch_size, "out": str(out)}
-
-    py = [sys.executable]
-    launcher = shlex.split(args.launcher) if args.launcher else py
-    common = ["--preset", args.preset, "--seed", str(args.seed), "--no-progress"]
-    for flag, v in (("--data-dir", args.data_dir), ("--batch-size", args.batch_size),
-                    ("--grad-accum", args.grad_accum), ("--threads", args.threads)):
-        if v is not None:
-            common += [flag, str(v)]
-    common += shlex.split(args.train_args or "")
-    ft = list(common)
-    for flag, v in (("--epochs", args.finetune_epochs), ("--lr", args.finetune_lr)):
-        if v is not None:
-            ft += [flag, str(v)]
-    ul = list(common)
-    for flag, v in (("--epochs", args.epochs), ("--lr", args.lr)):
-        if v is not None:
-            ul += [flag, str(v)]
-    ev = ["--ds-size", str(settings["eval_ds_size"]), "--max-new-tokens", str(settings["eval_max_new_tokens"]),
-          "--batch-size", str(args.eval_batch_size)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    done_model = lambda d: (d / "run.json").is_file() and (d / "model").is_dir()  # noqa: E731
-    stages = []
-
-    def finetune(name, split, d, extra=()):
-        stages.append({"name": name, "kind": "finetune", "group": 0, "out": d, "done": done_model(d),
-                       "cmd": launcher + ["-m", "full_scale.cli", "finetune", "--split", split, "--model", model,
-                                          "--out", str(d), *extra, *ft]})
-
-    target = out / "target"
-    finetune("finetune target (full)", "full", target)
-    for f, r in zip(forgets, retains):
-        finetune(f"finetune oracle ({r})", r, out / f"oracle-{f}", ["--forget", f])
-    for f, r in zip(forgets, retains):
-        for who, d in (("oracle", out / f"oracle-{f}"), ("target", target)):
-            e = out / "eval" / f"{who}-{f}"
-            retain_log = [] if who == "oracle" else ["--retain-log", str(out / "eval" / f"oracle-{f}" / "eval_log_aggregated.json")]
-            stages.append({"name": f"eval {who} on {f}", "kind": "eval", "group": 1 if who == "oracle" else 2, "out": e,
-                           "done": (e / "summary.json").is_file(),
-                           "cmd": py + ["-m", "full_scale.cli", "eval", "--model", str(d / "model"), "--forget-split", f,
-                                        "--out", str(e), *retain_log, *ev]})
-    for f, r in zip(forgets, retains):
-        oracle_log = out / "eval" / f"oracle-{f}" / "eval_log_aggregated.json"
-        for m in methods:
-            d = out / "unlearn" / f / m
-            stages.append({
-                "name": f"unlearn {f} {m}", "kind": "unlearn", "group": 3, "out": d, "done": (d / "run.json").is_file(),
-                "resume": (d / "config.json").is_file(),
-                "cmd": launcher + ["-m", "full_scale.cli", "unlearn", "--eval-batch-size", str(args.eval_batch_size),
-                                   "--eval-max-new-tokens", str(settings["eval_max_new_tokens"]),
-                                   "--model", str(target / "model"), "--forget", f, "--retain", r, "--method", m,
-                                   "--out", str(d), "--eval-every-epoch", "--eval-ds-size", str(settings["eval_ds_size"]),
-                                   "--retain-log", str(oracle_log), *ul]})
-    for st in stages:  # also caps the threads of eval stages (no --threads flag) via OMP_NUM_THREADS
-        st["threads"] = args.threads
-    return stages, settings
+def _npo_beats_ga(best: pd.DataFrame, tag: str, fig: str) -> Claim:
+    pairs = []
+    for r in best.itertuples():
+        g = NPO_VS_GA.get(r.method)
+        other = best[(best.split == r.split) & (best.method == g)] if g else best.iloc[0:0]
+        if len(other):
+            pairs.append((r.split, r.method, r.fq_last, g, float(other.fq_last.iloc[0])))
+    return Claim(f"{tag}: NPO+RT / NPO+KL end with higher forget quality than GA+RT / GA+KL",
+                 "; ".join(f"{sp} {n} {a:.2g} vs {g} {b:.2g}" for sp, n, a, g, b in pairs) or "n/a",
+                 all_any(a > b for _, _, a, _, b in pairs), fig,
+                 "holds when every NPO+RT / NPO+KL run ends with a higher FQ than its GA counterpart on the same "
+                 "split; partly when some do")
 
 
-def _run_stage(st: dict, log_path: Path) -> float:
-    """Run one stage as a subprocess, its output appended to ``log_path``; returns its wall seconds."""
-    cmd = st["cmd"] + (["--resume"] if st.get("resume") else [])
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        t0 = time.time()
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(st["threads"])} if st.get("threads") else {})}
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        raise UserError(f"stage '{st['name']}' failed (exit {proc.returncode}); see {log_path}")
-    return time.time() - t0
+def _best_is_npo(best: pd.DataFrame, tag: str, mu_fraction: float) -> Claim:
+    npo_family = set(methods(family="npo"))
+    q = best.dropna(subset=["best_fq"])
+    per_split = {sp: g.sort_values("best_fq").iloc[-1] for sp, g in q.groupby("split")}
+    npo_best = [r.method in npo_family for r in per_split.values()]
+    missing = sorted(set(best.split) - set(per_split))
+    ok = NA if not npo_best else HOLDS if all(npo_best) and not missing else PARTLY if any(npo_best) else FAILS
+    return Claim(f"{tag}: the best FQ at MU ≥ {mu_fraction:g} × target MU comes from an NPO-based method",
+                 "; ".join(f"{sp}: {r.method} FQ {r.best_fq:.2g} (MU {r.mu_at_best:.3f})"
+                           for sp, r in per_split.items())
+                 + "".join(f"; {sp}: no run kept MU above the threshold" for sp in missing),
+                 ok, "tofu_mini/best_fq.md",
+                 "holds when on every split the best FQ among the epochs above the MU threshold comes from an "
+                 "NPO-family method (registry family 'npo'); partly when on some")
 
 
-def _stage_log(out: Path, st: dict) -> Path:
-    return out / "logs" / (st["name"].replace(" ", "_").replace("(", "").replace(")", "") + ".log")
+def _divergence_law(lm: pd.DataFrame, tag: str) -> Claim:
+    from npo_sim.metrics import linear_fit, log_fit
+
+    split = sorted(lm.split.unique())[-1]
+    fits, ends = {}, {}
+    for m in ("ga", "npo"):
+        d = lm[(lm.split == split) & (lm.method == m)]
+        if len(d) >= 3:
+            t, y = d.step.to_numpy(float), d.param_distance.to_numpy()
+            fits[m] = (linear_fit(t, y).r2, log_fit(t, y).r2)
+            ends[m] = float(y[-1])
+    if len(fits) == 2:
+        laws = fits["ga"][0] > fits["ga"][1] and fits["npo"][1] > fits["npo"][0]
+        apart = ends["ga"] > 2 * ends["npo"]
+        ok = HOLDS if laws and apart else PARTLY if apart else FAILS
+        meas = (f"{split}: final ‖θ−θ_0‖ GA {ends['ga']:.3g} vs NPO {ends['npo']:.3g}; R² linear/log: "
+                f"GA {fits['ga'][0]:.3f}/{fits['ga'][1]:.3f}, NPO {fits['npo'][0]:.3f}/{fits['npo'][1]:.3f} "
+                "(lr decays linearly to 0, which bends both curves)")
+    else:
+        ok, meas = NA, "lm_curves.csv lacks GA and NPO runs"
+    return Claim(f"{tag}: divergence law on the LM (GA linear, NPO logarithmic in the step)", meas, ok,
+                 "side_by_side.png",
+                 "holds when GA's ‖θ−θ_0‖ fits a line better than a log, NPO's a log better than a line, and GA "
+                 "ends more than 2× farther from θ_0; partly when only the last holds")
 
 
-def run_stages(stages: list[dict], out: Path, jobs: int, timings: dict, timings_path: Path) -> list[str]:
-    """Run the stages in dependency groups (fine-tunes, oracle evals, target evals, unlearning runs),
-    up to ``jobs`` at a time within a group, in list order; skip finished ones. A failed unlearning
-    run is reported and skipped; returns the names of the failed stages."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from tqdm.auto import tqdm
-
-    groups = [[s for s in stages if s["group"] == g] for g in sorted({s["group"] for s in stages})]
-    bar = tqdm(total=len(stages), desc="npo-tofu study", unit="stage", dynamic_ncols=True)
-    failed: list[str] = []
-    for group in groups:
-        todo = []
-        for st in group:
-            if st["done"]:
-                print(f"[skip] {st['name']} (done)", flush=True)
-                bar.update(1)
-            else:
-                todo.append(st)
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = {}
-            for st in todo:
-                futures[pool.submit(_run_stage, st, _stage_log(out, st))] = st
-            for fut in as_completed(futures):
-                st = futures[fut]
-                try:
-                    timings[st["name"]] = fut.result()
-                except UserError as exc:
-                    if st["kind"] != "unlearn":  # later stages depend on it
-                        raise
-                    failed.append(st["name"])
-                    print(f"[fail] {exc}", flush=True)
-                else:
-                    print(f"[done] {st['name']}: {timings[st['name']]:.0f} s", flush=True)
-                    write_json(timings_path, timings)
-                bar.update(1)
-    bar.close()
-    return failed
-
-
-def _side_inputs(args, out: Path) -> tuple[Path, Path]:
-    """The logistic-lab trajectories and Markov divergence curves, computed at --quick when absent."""
-    th, mk = Path(args.theory_dir), Path(args.markov_dir)
-    for d, name, cmd in ((th, "trajectories.csv", ["theory", "--quick"]),
-                         (mk, "curves.csv", ["markov", "--preset", "divergence", "--quick"])):
-        if not (d / name).is_file():
-            st = {"name": f"npo-sim {cmd[0]}", "cmd": [sys.executable, "-m", "npo_sim.cli", *cmd, "--out", str(d),
-                                                         "--figures", ""]}
-            _run_stage(st, _stage_log(out, st))
-    return th / "trajectories.csv", mk / "curves.csv"
-
-
-def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets: dict, side_fits: dict) -> str:
-    lines = [f"# tofu-{settings['preset']} study", "",
-             f"Model `{settings['model']}`; forget splits {', '.join(settings['forget'])}; methods "
-             f"{', '.join(settings['methods'])}.",
-             f"Evaluation on the first {settings['eval_ds_size']} questions of each eval set, greedy answers of at "
-             f"most {settings['eval_max_new_tokens']} tokens for ROUGE (TOFU: 300 questions, longer answers): forget "
-             "quality is a KS p-value over that many forget questions, so it is coarse.", "",
-             "## Targets", "", "| split | target MU | target FQ | target forget ROUGE |", "|---|---|---|---|"]
-    for s, t in targets.items():
-        lines.append(f"| {s} | {t['model_utility']:.3f} | {t.get('forget_quality', float('nan')):.3g} | "
-                     f"{t.get('forget_rouge', float('nan')):.3f} |")
-    lines += ["", "## Best forget quality at MU ≥ 0.9 × target MU", "", table_markdown(table),
-              "— : no evaluated epoch kept MU above the threshold.", "",
-              "![FQ vs MU](fq_mu_trajectories.png)", "", "## Side by side", "", "![side by side](side_by_side.png)", ""]
-    for setting, per in side_fits.items():
-        for m, f in per.items():
-            if "dist" in f:
-                lines.append(f"- {setting}, {m.upper()}: ‖θ_t−θ_0‖ {'linear' if m == 'ga' else 'log'} fit "
-                             f"slope {f['dist']['slope']:.3g}, R² {f['dist']['r2']:.3f}")
-    if settings.get("unfinished_runs"):
-        lines += ["", f"**Not finished, not in the table:** {', '.join(settings['unfinished_runs'])}."]
-    lines += ["", "## Stage wall times (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    return "\n".join(lines) + "\n"
-
-
-def study_main(args) -> int:
-    stages, settings = plan_study(args)
-    if args.dry_run:
-        for st in stages:
-            print(("[done] " if st["done"] else "") + shlex.join(st["cmd"]))
-        return 0
-    out = Path(settings["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    t_all = time.time()
-    print(f"study: {len(stages)} stages ({sum(st['done'] for st in stages)} done), jobs={args.jobs}, "
-          f"stage logs in {out / 'logs'}", flush=True)
-    failed = [] if args.report_only else run_stages(stages, out, args.jobs, timings, timings_path)
-    t0 = time.time()
-    th, mk = _side_inputs(args, out)
-    report_dir = out / "report"
-    # finished runs only (with --report-only, whatever has finished so far)
-    runs = [str(st["out"]) for st in stages if st["kind"] == "unlearn" and (st["out"] / "run.json").is_file()
-            and (st["out"] / "eval_curve.csv").is_file()]
-    missing = [st["name"] for st in stages if st["kind"] == "unlearn" and str(st["out"]) not in runs]
-    targets = [str(out / "eval" / f"target-{f}" / "summary.json") for f in settings["forget"]
-               if (out / "eval" / f"target-{f}" / "summary.json").is_file()]
-    settings["unfinished_runs"] = missing
-    summary = build_report(runs, report_dir, targets)
-    from npo_sim.plots.side_by_side import plot_side_by_side
-
-    fits = plot_side_by_side(th, mk, report_dir / "lm_curves.csv", report_dir / "side_by_side.png")
-    timings["report"] = time.time() - t0
-    # wall time summed over invocations (a resumed study adds to it)
-    timings["study wall, all invocations"] = (timings.pop("total (this invocation)", 0.0)
-                                             + timings.get("study wall, all invocations", 0.0) + time.time() - t_all)
-    write_json(timings_path, timings)
-    table = pd.DataFrame(summary["best_fq"], columns=list(TABLE_COLUMNS))
-    tsum = load_target_evals(targets)
-    write_json(report_dir / "summary.json", {**summary, "settings": settings, "side_by_side_fits": fits,
-                                             "timings": timings})
-    write_text(report_dir / "results.md", results_markdown(settings, timings, table, tsum, fits))
-    write_json(report_dir / "timings.json", timings)
-    if args.figures:
-        dest = Path(args.figures) / f"tofu_{args.preset}"
-        for name in REPORT_FILES:
-            if (report_dir / name).is_file():
-                data = (report_dir / name).read_bytes()
-                old = dest / name
-                if name == "results.md" and old.is_file() and NOTES_HEADING in old.read_text():
-                    # keep the hand-written notes of a committed results.md
-                    data += ("\n" + NOTES_HEADING + old.read_text().split(NOTES_HEADING, 1)[1]).encode()
-                write_bytes(dest / name, data)
-        print(f"copied the report into {dest}")
-    print(table_markdown(table))
-    print(f"study done in {time.time() - t_all:.0f} s -> {report_dir}")
-    return 0
+def claims(fig_dir: Path) -> list[Claim]:
+    """The TOFU rows of ``figures/REPORT.md``, from ``fig_dir/tofu_mini/`` (the committed outputs of
+    ``npo-tofu study --preset mini``: its ``summary.json`` and ``lm_curves.csv``)."""
+    mini = Path(fig_dir) / "tofu_mini"
+    if not (mini / "summary.json").exists():
+        return [Claim("TOFU at mini scale: NPO-based methods reach better forget quality at kept model utility than "
+                      "GA-based ones", "not run yet: `make tofu-mini`", NA, "tofu_mini/",
+                      "measured by `npo-tofu study --preset mini` (make tofu-mini)")]
+    s = json.loads((mini / "summary.json").read_text())
+    best = pd.DataFrame(s["best_fq"])
+    tag = f"TOFU mini ({s.get('settings', {}).get('model', '?')})"
+    fig = "tofu_mini/fq_mu_trajectories.png"
+    return [_ga_destroys_utility(best, tag, fig), _npo_beats_ga(best, tag, fig),
+            _best_is_npo(best, tag, s.get("mu_fraction", 0.9)),
+            _divergence_law(pd.read_csv(mini / "lm_curves.csv"), tag)]

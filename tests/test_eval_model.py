@@ -4,17 +4,20 @@ the written log reloading through ``aggregate``, the per-epoch curve, and bad in
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from full_scale import aggregate as A
 from full_scale import cli
 from full_scale import evaluate as E
+from full_scale import generate as G
+from full_scale.config import EvalSpec
 from full_scale.data import encode_answer, encode_prompt, encode_qa, pad_batch
 from full_scale.models import load_model, save_checkpoint
+from npo_sim.runio import UserError
 
 DS = 4  # questions per eval set in these tests
 
@@ -87,7 +90,7 @@ def test_batched_nll_equals_per_sample_unpadded(tiny):
         assert lo == pytest.approx(ref_loss, rel=1e-5)
 
 
-def _greedy_one(model, tok, fmt, q, max_new):
+def _greedy_one_ids(model, tok, fmt, q, max_new):
     """Oracle: greedy decoding by repeated full forwards (no cache, no padding, no generate())."""
     ids = encode_prompt(tok, q, fmt)
     new = []
@@ -97,15 +100,19 @@ def _greedy_one(model, tok, fmt, q, max_new):
             if nxt == tok.eos_token_id:
                 break
             new.append(nxt)
-    return tok.decode(new, skip_special_tokens=True)
+    return new
+
+
+def _greedy_one(model, tok, fmt, q, max_new):
+    return tok.decode(_greedy_one_ids(model, tok, fmt, q, max_new), skip_special_tokens=True)
 
 
 def test_batched_left_padded_generation_equals_unbatched(tiny):
     model, tok, fmt, sets = tiny
     questions = [it.question for items in sets.values() for it in items]
     answers = [it.answer for items in sets.values() for it in items]
-    one = E.greedy_generate(model, tok, fmt, questions, batch_size=1, max_new_tokens=24)
-    many = E.greedy_generate(model, tok, fmt, questions, batch_size=6, max_new_tokens=24)
+    one = G.greedy_generate(model, tok, fmt, questions, batch_size=1, max_new_tokens=24)
+    many = G.greedy_generate(model, tok, fmt, questions, batch_size=6, max_new_tokens=24)
     assert many == one
     assert len({len(encode_prompt(tok, q, fmt)) for q in questions}) > 3  # prompts really get left-padded
     lengths = {len(tok(g)["input_ids"]) for g in one}
@@ -115,6 +122,38 @@ def test_batched_left_padded_generation_equals_unbatched(tiny):
     # the memorised answers come back (ROUGE-L recall 1 on most of them)
     r1, rl = E.rouge_recall(one, answers)
     assert np.mean(np.array(rl) > 0.99) > 0.5
+
+
+def _hf_generate(model, tok, fmt, questions, batch_size, max_new):
+    """Oracle: ``model.generate`` on left-padded, length-sorted batches (the evaluation's former path)."""
+    prompts = [encode_prompt(tok, q, fmt) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[tok.pad_token_id] * (T - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (T - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=max_new, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for i, t in zip(idx, tok.batch_decode(gen[:, T:], skip_special_tokens=True)):
+            out[i] = t
+    return out
+
+
+def test_kv_cache_decoder_equals_no_cache_and_generate(tiny):
+    """The one greedy decoder (KV cache, batched) decodes the same tokens as full forwards without a cache
+    (the collapse detector's former loop) and the same text as ``model.generate`` (the evaluation's)."""
+    model, tok, fmt, sets = tiny
+    questions = [it.question for items in sets.values() for it in items]
+    ids = G.greedy_ids(model, tok, fmt, questions, batch_size=5, max_new_tokens=24)
+    assert len({len(a) for a in ids}) > 3
+    assert ids == [_greedy_one_ids(model, tok, fmt, q, 24) for q in questions]
+    assert G.greedy_generate(model, tok, fmt, questions, 6, 24) == _hf_generate(model, tok, fmt, questions, 6, 24)
+    # the collapse detector's setting: a few retain questions, 32 tokens, in one batch
+    assert G.greedy_ids(model, tok, fmt, questions[:4], max_new_tokens=32) == \
+        [_greedy_one_ids(model, tok, fmt, q, 32) for q in questions[:4]]
 
 
 def test_rouge_recall_with_stemming():
@@ -130,7 +169,7 @@ def test_eval_cli_writes_tofu_log_that_reloads_through_aggregate(ckpt, tofu_data
     assert cli.main(argv) == 0
     log = json.loads((out / "eval_log_aggregated.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert list(log) == list(E.TASKS)
+    assert list(log) == list(A.TASKS)
     for key, task in log.items():
         for m in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall", "generated_text"):
             assert list(task[m]) == [str(i) for i in range(DS)], (key, m)  # TOFU's {index: value} layout
@@ -149,7 +188,7 @@ def test_eval_cli_writes_tofu_log_that_reloads_through_aggregate(ckpt, tofu_data
     assert cli.main(["aggregate", "--ckpt-log", str(out / "eval_log_aggregated.json"), "--retain-log", str(out)]) == 0
     agg = json.loads(capsys.readouterr().out)
     assert agg["forget_quality"] == 1.0
-    for k in ("model_utility", *E.UTILITY_KEYS, *E.FORGET_KEYS):
+    for k in ("model_utility", *A.UTILITY_KEYS, *A.FORGET_KEYS):
         assert agg[k] == pytest.approx(summary[k], rel=1e-12)
     # and the TOFU per-sample numbers equal the one-at-a-time oracle
     model, tok, fmt = load_model(str(ckpt), device="cpu")
@@ -181,7 +220,7 @@ def test_bad_eval_input_fails_before_writing(ckpt, tofu_data_dir, tmp_path, caps
     cases = [
         (["--forget-split", "forget42"], "unknown forget split"),
         (["--forget-split", "forget10", "--retain-log", str(tmp_path / "none.json")], "not found"),
-        (["--forget-split", "forget10", "--batch-size", "0"], "--batch-size"),
+        (["--forget-split", "forget10", "--batch-size", "0"], "batch_size"),
     ]
     for extra, msg in cases:
         out = tmp_path / "o"
@@ -194,20 +233,24 @@ def test_bad_eval_input_fails_before_writing(ckpt, tofu_data_dir, tmp_path, caps
 def test_evaluate_epoch_grows_the_curve(tiny, tofu_data_dir, tmp_path):
     model, tok, fmt, _ = tiny
     retain = tmp_path / "retain_log.json"
-    log, _ = E.run_eval(model, tok, fmt, "mini-forget10", data_dir=tofu_data_dir, ds_size=DS, max_new_tokens=8)
+    log, _ = E.run_eval(model, tok, fmt, EvalSpec("mini-forget10", data_dir=str(tofu_data_dir), ds_size=DS,
+                                                  max_new_tokens=8))
     retain.write_text(json.dumps(log))
-    args = SimpleNamespace(forget="forget10", preset="mini", retain_log=str(retain), data_dir=str(tofu_data_dir),
-                           eval_ds_size=DS, eval_batch_size=4, eval_max_new_tokens=8)
-    E.check_epoch_eval_args(args)
+    argv = ["unlearn", "--preset", "mini", "--forget", "forget10", "--model", "m", "--method", "npo", "--out", "o",
+            "--data-dir", str(tofu_data_dir), "--eval-every-epoch", "--eval-ds-size", str(DS), "--eval-batch-size", "4",
+            "--eval-max-new-tokens", "8"]
+    spec = cli.unlearn_job(cli.parser().parse_args(argv + ["--retain-log", str(retain)])).eval
+    assert spec.forget_split == "mini-forget10" and spec.batch_size == 4  # the eval split of a mini run
+    prepared = E.prepare_eval(spec)  # what the unlearning run loads and checks before training
     run = tmp_path / "run"
-    rows = [E.evaluate_epoch(model, tok, fmt, run, ep, args) for ep in (1, 2)]
+    rows = [E.evaluate_epoch(model, tok, fmt, run, ep, spec, prepared) for ep in (1, 2)]
     assert rows[0]["forget_quality"] == 1.0  # same model, same eval -> same truth ratios as the retain log
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.9)  # a different model at epoch 2 (restored below)
     try:
-        again = E.evaluate_epoch(model, tok, fmt, run, 2, args)  # a resumed run re-evaluates epoch 2
+        again = E.evaluate_epoch(model, tok, fmt, run, 2, spec)  # a resumed run re-evaluates epoch 2
     finally:
         model.load_state_dict(saved)
     curve = pd.read_csv(run / "eval_curve.csv")
@@ -217,5 +260,5 @@ def test_evaluate_epoch_grows_the_curve(tiny, tofu_data_dir, tmp_path):
     assert curve.loc[0, "model_utility"] == pytest.approx(rows[0]["model_utility"])
     assert (run / "eval" / "epoch_002" / "eval_log_aggregated.json").is_file()
     assert not model.training
-    with pytest.raises(E.UserError, match="--retain-log"):
-        E.check_epoch_eval_args(SimpleNamespace(**{**vars(args), "retain_log": None}))
+    with pytest.raises(UserError, match="retain_log"):
+        cli.unlearn_job(cli.parser().parse_args(argv))

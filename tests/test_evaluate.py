@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from full_scale import cli
-from full_scale.evaluate import UTILITY_KEYS, aggregate, load_log, task_log
+from full_scale.aggregate import UTILITY_KEYS, aggregate, load_log, task_log
 from npo_sim.runio import UserError
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,7 +33,8 @@ def _synthetic_log(layout="list"):
     return {
         "eval_log.json": _task([0.5, 1.0], [1.0, 2.0], [[2.0, 3.0], [1.0, 2.0]], [1.0, 0.5], layout),
         "eval_real_author_wo_options.json": _task([1.0, 2.0], [1.0, 2.0], [[1.0, 2.0], [3.0, 1.0]], [0.0, 1.0], layout),
-        "eval_real_world_wo_options.json": _task([0.2, 0.4], [0.2, 0.4], [[1.2, 1.4], [0.4, 0.4]], [0.25, 0.75], layout),
+        "eval_real_world_wo_options.json": _task([0.2, 0.4], [0.2, 0.4], [[1.2, 1.4], [0.4, 0.4]], [0.25, 0.75],
+                                                 layout),
         "eval_log_forget.json": _task([0.1, 3.0], [1.0, 0.5], [[1.5, 2.5], [0.5, 0.0]], [0.9, 0.1], layout),
     }
 
@@ -42,7 +43,8 @@ def to_dict_layout(log: dict) -> dict:
     """A list-layout log converted to TOFU's {str(index): value} layout."""
     out = {}
     for key, task in log.items():
-        out[key] = {m: ({str(i): v for i, v in enumerate(col)} if isinstance(col, list) else col) for m, col in task.items()}
+        out[key] = {m: ({str(i): v for i, v in enumerate(col)} if isinstance(col, list) else col)
+                    for m, col in task.items()}
     return out
 
 
@@ -130,8 +132,9 @@ def test_forget_quality_is_ks_pvalue_of_raw_truth_ratios():
         f["avg_gt_loss"] = list(rng.uniform(0, 1, n))
         f["rougeL_recall"] = list(rng.uniform(0, 1, n))
     res = aggregate(a, b)
-    ra = np.exp(np.mean(a["eval_log_forget.json"]["average_perturb_loss"], 1) - a["eval_log_forget.json"]["avg_paraphrased_loss"])
-    rb = np.exp(np.mean(b["eval_log_forget.json"]["average_perturb_loss"], 1) - b["eval_log_forget.json"]["avg_paraphrased_loss"])
+    fa, fb = a["eval_log_forget.json"], b["eval_log_forget.json"]
+    ra = np.exp(np.mean(fa["average_perturb_loss"], 1) - fa["avg_paraphrased_loss"])
+    rb = np.exp(np.mean(fb["average_perturb_loss"], 1) - fb["avg_paraphrased_loss"])
     ks = stats.ks_2samp(ra, rb)
     assert res["forget_quality"] == pytest.approx(ks.pvalue, rel=1e-12)
     assert res["ks_statistic"] == pytest.approx(ks.statistic)
@@ -153,7 +156,8 @@ def test_huge_losses_stay_finite():
     log["eval_log_forget.json"]["average_perturb_loss"] = [[1500.0, 1500.0], [0.5, 0.0]]
     res = aggregate(log, _synthetic_log())
     e = math.exp
-    assert res["real_authors_prob"] == pytest.approx((e(-100) / (e(-100) + 1 + e(-200)) + e(-2) / (e(-2) + e(-3) + e(-1))) / 2)
+    assert res["real_authors_prob"] == pytest.approx(
+        (e(-100) / (e(-100) + 1 + e(-200)) + e(-2) / (e(-2) + e(-3) + e(-1))) / 2)
     assert all(math.isfinite(v) for k, v in res.items() if isinstance(v, float))
 
 
@@ -203,7 +207,8 @@ def test_reference_logs_every_pair_both_layouts(ref_logs):
         lit = tofu_literal(get(ck), get(rt))
         for k, v in lit.items():
             assert res[k] == pytest.approx(v, rel=1e-9, abs=1e-300), (ck, rt, k)
-        for k in ("forget_quality", "model_utility", *UTILITY_KEYS, "forget_prob", "forget_rouge", "forget_truth_ratio"):
+        for k in ("forget_quality", "model_utility", *UTILITY_KEYS, "forget_prob", "forget_rouge",
+                  "forget_truth_ratio"):
             assert math.isfinite(res[k]) and 0.0 <= res[k] <= 1.0, (ck, rt, k, res[k])
         assert (res["n_forget"] != res["n_forget_retain_log"]) == bool(res["notes"])
 

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from full_scale import data as D
 from full_scale.cli import main as cli
+from full_scale.generate import is_degenerate
 from full_scale.logprobs import batched_sequence_logprobs
 from full_scale.models import load_model, save_checkpoint
-from full_scale.train import epoch_steps, is_degenerate, lr_lambda, micro_parts
+from full_scale.train import epoch_steps, lr_lambda, micro_parts
 from npo_sim.losses import OBJECTIVES
 
 FAST = ["--no-progress", "--collapse-questions", "1", "--threads", "1"]  # 1 thread: 2x faster on a busy 2-core box
@@ -200,8 +201,8 @@ def test_two_gloo_processes_equal_one_process(base, tofu_data_dir, tmp_path, bat
 # ------------------------------------------------------------------------------------------- finetune, collapse
 def test_finetune_lowers_loss_and_saves_reloadable_model(tofu_data_dir, tmp_path):
     argv = ["finetune", "--preset", "mini", "--split", "retain", "--model", "tiny-llama:1m", "--data-dir",
-            str(tofu_data_dir), "--out", str(tmp_path / "ft"), "--max-steps", "4", "--warmup-epochs", "0", "--lr", "0.01",
-            *FAST]
+            str(tofu_data_dir), "--out", str(tmp_path / "ft"), "--max-steps", "4", "--warmup-epochs", "0",
+            "--lr", "0.01", *FAST]
     assert cli(argv) == 0
     log = pd.read_csv(tmp_path / "ft" / "train_log.csv")
     info = json.loads((tmp_path / "ft" / "run.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,8 @@ import pytest
 
 from full_scale.cli import main as tofu_main
 from full_scale.evaluate import CURVE_COLUMNS
-from full_scale.report import best_fq_row, build_report, lm_curves, load_run
+from full_scale.report import best_fq_row, build_report, claims, lm_curves, load_run
+from npo_sim.claims import NA, VERDICTS
 from npo_sim.plots.side_by_side import fit_series, plot_side_by_side
 from npo_sim.runio import UserError
 
@@ -124,7 +126,8 @@ def test_side_by_side(tmp_path):
                                       "dist_l2": d, "forget_prob": np.exp(-0.01 * d)})
                         for cid, m, d in ((0, "ga", 0.3 * steps), (1, "npo", 2 * np.log1p(steps)))])
     markov = pd.concat([pd.DataFrame({"model": "tabular", "method": m, "step": steps, "param_dist": d,
-                                      "logp_forget": -d}) for m, d in (("ga", 0.5 * steps + 1), ("npo", np.log1p(steps)))])
+                                      "logp_forget": -d})
+                        for m, d in (("ga", 0.5 * steps + 1), ("npo", np.log1p(steps)))])
     lm = pd.DataFrame({"split": "mini-forget10", "method": np.repeat(["ga", "npo", "npo_rt"], 50),
                        "step": np.tile(steps + 1, 3), "param_distance": np.tile(0.2 * steps, 3),
                        "forget_logp_sum": -1.0, "forget_logp_token": np.tile(-0.1 * steps, 3)})
@@ -154,7 +157,17 @@ def test_study_plan_dry_run(capsys):
                     "--out", "/nonexistent/t", "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 2 + 2 + 1
-    assert lines[0].startswith("accelerate launch --config_file full_scale/accelerate/single_gpu.yaml -m full_scale.cli")
+    launcher = "accelerate launch --config_file full_scale/accelerate/single_gpu.yaml"
+    assert lines[0].startswith(f"{launcher} -m full_scale.cli")
     assert "--split retain90" in lines[1] and "--ds-size 300 --max-new-tokens 128" in lines[2]
     assert tofu_main(["study", "--methods", "nope", "--dry-run"]) == 2
     assert tofu_main(["study", "--preset", "tofu", "--dry-run"]) == 2  # --model is required
+
+
+def test_tofu_claims_from_the_committed_study(tmp_path):
+    """The TOFU rows of REPORT.md come from full_scale, read off figures/tofu_mini/ (summary.json, lm_curves.csv)."""
+    rows = claims(Path(__file__).resolve().parents[1] / "figures")
+    assert len(rows) == 4 and all(c.verdict in VERDICTS and c.criterion and c.measured for c in rows)
+    assert all(c.claim.startswith("TOFU mini (") for c in rows)
+    (missing,) = claims(tmp_path)  # no study outputs: one row that says so
+    assert missing.verdict == NA and "make tofu-mini" in missing.measured

@@ -1,0 +1,235 @@
+"""The frozen records of an ``npo-tofu`` job, each validated when it is built and saved with its results.
+
+* :class:`RunConfig`: what every training run shares (model, data, optimiser, schedule, checkpoints,
+  the collapse detector);
+* the task, one of :class:`FinetuneSpec` (what to fit) or :class:`UnlearnSpec` (what to forget, with
+  which objective, against which reference);
+* :class:`EvalSpec`: an evaluation (eval sets, answer length), used by ``npo-tofu eval`` and by the
+  per-epoch evaluation of an unlearning run;
+* :class:`TrainJob` puts the three together; :class:`EvalJob` is what ``npo-tofu eval`` runs.
+  ``to_json()`` gives the flat ``config.json`` of the run directory (one key per field, plus
+  ``command``), which ``--resume`` compares and ``npo-tofu report`` reads.
+
+:class:`Launch` holds how one invocation runs (resume, stop early, threads); it is not part of the
+run's identity and is not saved. Defaults that depend on the preset are resolved by the factory
+functions (:func:`run_config`, :func:`finetune_spec`, :func:`unlearn_spec`), never by a record changing
+itself. Errors are :class:`~npo_sim.runio.UserError`, in the records' own words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from npo_sim.losses import Objective, get_objective
+from npo_sim.runio import UserError
+
+from .data import PROMPT_FORMATS, eval_split, retain_of
+
+#: preset -> command -> defaults for settings left unset
+PRESETS: dict[str, dict[str, dict]] = {
+    # the paper's recipe (Llama-2-7b-chat on TOFU): effective batch 32 on one device via accumulation
+    "tofu": {"finetune": {"lr": 1e-5, "epochs": 5, "batch_size": 4, "grad_accum": 8},
+             "unlearn": {"lr": 1e-5, "epochs": 10, "batch_size": 4, "grad_accum": 8}},
+    # tofu-mini on CPU with tiny-llama: high lr, small batches
+    "mini": {"finetune": {"lr": 2e-3, "epochs": 10, "batch_size": 16, "grad_accum": 1, "model": "tiny-llama:5m"},
+             "unlearn": {"lr": 1e-3, "epochs": 10, "batch_size": 8, "grad_accum": 1}},
+}
+REF_MODES = ("cached", "model")
+GA_REDUCTIONS = ("mean", "sum")
+DTYPES = ("auto", "float32", "bfloat16")
+_MODEL_REQUIRED = "model is required (an HF id, a local checkpoint or tiny-llama[:SIZE])"
+
+
+def _at_least_1(record, names) -> None:
+    for name in names:
+        value = getattr(record, name)
+        if value < 1:
+            raise UserError(f"{name} must be ≥ 1, got {value}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every training run shares. ``ga_reduction`` reduces the plain likelihood terms (fine-tuning,
+    GA, IDK, the retain NLL): per-example token ``mean`` or ``sum``; terms that compare with a reference
+    or normalise by length always use the sum (the registry's ``sequence_reduction``)."""
+
+    model: str
+    out: str
+    epochs: int
+    lr: float
+    batch_size: int              #: per-device micro-batch
+    grad_accum: int
+    preset: str = "tofu"
+    data_dir: str | None = None
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.01
+    seed: int = 0
+    max_length: int = 512
+    ga_reduction: str = "mean"
+    save_every: int = 1          #: checkpoint every N epochs
+    keep_checkpoints: int = 1    #: keep the last N epoch checkpoints
+    collapse_k: float = 5.0      #: collapse when the retain NLL exceeds k × its initial value
+    collapse_questions: int = 4  #: retain questions answered greedily after every epoch
+    stop_on_collapse: bool = False
+    dtype: str = "auto"
+    prompt_format: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise UserError(_MODEL_REQUIRED)
+        _choice("preset", self.preset, tuple(PRESETS))
+        _at_least_1(self, ("epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "max_length"))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.collapse_k <= 1:
+            raise UserError("warmup_epochs and weight_decay must be ≥ 0 and collapse_k > 1")
+        if self.collapse_questions < 0:
+            raise UserError(f"collapse_questions must be ≥ 0, got {self.collapse_questions}")
+        _choice("ga_reduction", self.ga_reduction, GA_REDUCTIONS)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.prompt_format is not None:
+            _choice("prompt_format", self.prompt_format, tuple(PROMPT_FORMATS))
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Fine-tune on ``split``: ``full`` or ``retainYY`` (under the mini preset, tofu-mini's versions)."""
+
+    command: ClassVar[str] = "finetune"
+    split: str
+
+    def __post_init__(self) -> None:
+        if not self.split:
+            raise UserError("split is required (full or retainYY)")
+
+
+@dataclass(frozen=True)
+class UnlearnSpec:
+    """Unlearn ``forget`` (keeping ``retain``) with the registered objective ``method``. ``None``
+    hyperparameters keep the objective's defaults. ``ref_mode``: reference log-likelihoods ``cached``
+    once before training, or computed by a frozen ``model`` copy (the A/B check)."""
+
+    command: ClassVar[str] = "unlearn"
+    forget: str
+    retain: str
+    method: str
+    beta: float | None = None
+    gamma: float | None = None
+    retain_weight: float | None = None
+    ref_mode: str = "cached"
+
+    def __post_init__(self) -> None:
+        _choice("ref_mode", self.ref_mode, REF_MODES)
+        self.objective()  # unknown method or bad hyperparameter: fail now
+
+    def objective(self) -> Objective:
+        """The registry objective with this spec's hyperparameters."""
+        try:
+            return get_objective(self.method, beta=self.beta, gamma=self.gamma, retain_weight=self.retain_weight)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """A TOFU evaluation: the eval sets of ``forget_split`` (first ``ds_size`` questions of each),
+    greedy answers of at most ``max_new_tokens`` for ROUGE, and the retain model's log for forget
+    quality (optional for ``npo-tofu eval``, required for the per-epoch evaluation)."""
+
+    forget_split: str
+    retain_log: str | None = None
+    data_dir: str | None = None
+    ds_size: int = 300
+    batch_size: int = 16
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens"))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this invocation runs a job (not saved: a resumed run may change any of it)."""
+
+    resume: bool = False
+    stop_after_epoch: int | None = None  #: stop (as if killed) after checkpointing this epoch
+    max_steps: int | None = None         #: stop after this many optimizer steps (benchmarks)
+    threads: int | None = None           #: torch threads per process
+    cpu: bool = False                    #: CPU even when a GPU is present
+    progress: bool = True                #: a tqdm bar on the main process
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``npo-tofu finetune`` or ``unlearn`` run; ``eval`` is the per-epoch evaluation (unlearning only)."""
+
+    run: RunConfig
+    task: FinetuneSpec | UnlearnSpec
+    eval: EvalSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval is not None and not isinstance(self.task, UnlearnSpec):
+            raise UserError("per-epoch evaluation is only defined for unlearning runs")
+        if self.eval is not None and self.eval.retain_log is None:
+            raise UserError("per-epoch evaluation needs the retain model's eval log (retain_log) to compute "
+                            "forget quality")
+
+    @property
+    def command(self) -> str:
+        return self.task.command
+
+    def to_json(self) -> dict:
+        """The flat ``config.json``: ``command``, every run and task field, and ``eval``."""
+        return {"command": self.command, **dataclasses.asdict(self.run), **dataclasses.asdict(self.task),
+                "eval": dataclasses.asdict(self.eval) if self.eval is not None else None}
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One ``npo-tofu eval``: evaluate ``model`` by ``eval``, writing into ``out``."""
+
+    model: str
+    out: str
+    eval: EvalSpec
+    device: str | None = None  #: default: cuda if available, else cpu
+
+    def to_json(self) -> dict:
+        return {"command": "eval", "model": self.model, "out": self.out, "device": self.device,
+                **dataclasses.asdict(self.eval)}
+
+
+# --------------------------------------------------------------------------------------------------
+# factories: preset defaults and derived names, resolved before a record is built
+# --------------------------------------------------------------------------------------------------
+def run_config(command: str, preset: str, **settings) -> RunConfig:
+    """A :class:`RunConfig` whose unset (``None``) settings take the preset's default for ``command``."""
+    _choice("preset", preset, tuple(PRESETS))
+    resolved = {**PRESETS[preset][command], **{k: v for k, v in settings.items() if v is not None}}
+    if "model" not in resolved:
+        raise UserError(_MODEL_REQUIRED)
+    return RunConfig(preset=preset, **resolved)
+
+
+def finetune_spec(split: str, forget: str) -> FinetuneSpec:
+    """``split`` ``retain`` (mini preset) stands for the complement of ``forget``."""
+    return FinetuneSpec(split=retain_of(forget) if split == "retain" else split)
+
+
+def unlearn_spec(forget: str, retain: str | None, method: str, **hyperparameters) -> UnlearnSpec:
+    """``retain`` defaults to the complement of ``forget``."""
+    return UnlearnSpec(forget=forget, retain=retain or retain_of(forget), method=method, **hyperparameters)
+
+
+def epoch_eval_spec(run: RunConfig, spec: UnlearnSpec, retain_log: str | None, **settings) -> EvalSpec:
+    """The per-epoch evaluation of an unlearning run: its forget split's eval sets; ``None`` settings
+    keep :class:`EvalSpec`'s defaults."""
+    return EvalSpec(forget_split=eval_split(spec.forget, run.preset), retain_log=retain_log, data_dir=run.data_dir,
+                    **{k: v for k, v in settings.items() if v is not None})

@@ -1,0 +1,103 @@
+"""The one greedy decoder (batched, left-padded, with a KV cache), and the degeneracy check.
+
+Used by the evaluation (ROUGE answers) and by the collapse detector of unlearning runs. Prompts are
+encoded exactly as in training (:func:`full_scale.data.encode_prompt`), sorted by length and
+left-padded per batch; position ids follow the attention mask, so a padded row decodes the same
+tokens as the row alone. The first forward reads the whole prompt and keeps its keys and values;
+every later step feeds one token per row. A row stops at EOS (not included); finished rows are fed
+the pad token until the whole batch is done. This is what ``model.generate(do_sample=False)`` does,
+token for token, without its configuration surface.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .data import encode_prompt
+from .logprobs import position_ids_from_mask
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _cache_names(model) -> tuple[str, dict]:
+    """The name of the KV-cache argument and output (``cache``; ``past_key_values`` in earlier
+    transformers 5.x releases), and ``logits_to_keep=1`` when the model takes it (the prompt's other
+    logits are never read)."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    return name, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+@torch.no_grad()
+def _decode_batch(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int) -> list[list[int]]:
+    dev, B = _device(model), len(prompts)
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    pos = position_ids_from_mask(mask)
+    cache_name, keep = _cache_names(model)
+    new: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    cache = None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache}, **keep)
+        cache = out[cache_name]
+        nxt = out.logits[:, -1].argmax(-1)
+        done_before = done.clone()
+        done |= nxt == eos_id
+        for b in (~done).nonzero().flatten().tolist():
+            new[b].append(int(nxt[b]))
+        if bool(done.all()):
+            break
+        ids = torch.where(done_before, torch.full_like(nxt, pad_id), nxt)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+    return new
+
+
+def greedy_ids(model, tokenizer, fmt, questions: list[str], *, batch_size: int = 16,
+               max_new_tokens: int = 128) -> list[list[int]]:
+    """Greedy answer token ids (EOS excluded) to each question, in the order given."""
+    prompts = [encode_prompt(tokenizer, q, fmt) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            rows = _decode_batch(model, [prompts[i] for i in idx], tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 max_new_tokens)
+            for i, row in zip(idx, rows):
+                out[i] = row
+    finally:
+        model.train(was_training)
+    return out
+
+
+def greedy_generate(model, tokenizer, fmt, questions: list[str], batch_size: int = 16,
+                    max_new_tokens: int = 128) -> list[str]:
+    """Greedy answers as text, decoded without special tokens (TOFU's ``batch_decode``)."""
+    ids = greedy_ids(model, tokenizer, fmt, questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
+
+
+def is_degenerate(ids: list[int], min_len: int = 1) -> bool:
+    """Empty output, a 3-gram occurring 3+ times, or one token making up over half of 8+ tokens."""
+    if len(ids) < min_len:
+        return True
+    grams: dict[tuple, int] = {}
+    for i in range(len(ids) - 2):
+        g = tuple(ids[i:i + 3])
+        grams[g] = grams.get(g, 0) + 1
+        if grams[g] >= 3:
+            return True
+    if len(ids) >= 8:
+        top = max(ids.count(t) for t in set(ids))
+        if top > len(ids) / 2:
+            return True
+    return False

@@ -1,0 +1,356 @@
+"""The two training tasks: what one micro-batch computes, each task's setup and its per-step/epoch hooks.
+
+:class:`FinetuneTask` minimises the NLL of a corpus. :class:`UnlearnTask` computes exactly
+``objective.needs`` per micro-batch (:mod:`npo_sim.losses` holds every loss): the forget
+log-likelihood and its length, IDK-answer log-likelihoods, the retain log-likelihood, or retain logits
+for the KL terms. How a sequence log-likelihood is reduced is a registry fact
+(``objective.sequence_reduction``): ``"sum"`` for the terms that compare with a reference or
+normalise by length (NPO, SimNPO, DPO); ``"token_mean"`` follows ``ga_reduction`` (per-example token
+mean by default, or sum), as do fine-tuning and the retain NLL. Every loss is a mean over *examples*,
+so batch × accumulation × processes splits are exact.
+
+**Reference.** :class:`ReferenceSource` decides once, from the objective and ``ref_mode``, where π_ref
+comes from: forget-side log-likelihoods (``logp_ref``, ``idk_logp_ref``) cached once at θ_0 (saved in
+``ref_cache.safetensors``, reloaded on resume), and/or a frozen copy of θ_0 (needed for the retain
+logits of the ``*_kl`` methods, or with ``ref_mode="model"``; both modes give the same losses).
+:class:`Reference` is the built object the micro-batches read.
+
+**Hooks** (called by :func:`full_scale.train.run`): ``start`` before the first step, ``after_step``
+on each logged row, ``end_epoch`` after each epoch. Unlearning uses them for the collapse detector
+(retain NLL > k × its initial value, or most greedy answers to a few retain questions degenerate) and
+the optional per-epoch evaluation (``eval_curve.csv``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from npo_sim.losses import nll, npo_weight
+from npo_sim.runio import UserError, write_csv, write_json
+
+from . import data as D
+from .config import FinetuneSpec, TrainJob, UnlearnSpec
+from .generate import greedy_ids, is_degenerate
+from .logprobs import forward_logits, sequence_logprobs, token_logits
+
+REF_CACHE = "ref_cache.safetensors"
+GREEDY_LOG = "greedy_samples.json"
+REF_KEYS = ("logp_ref", "idk_logp_ref")
+NLL_MONITOR = 32    #: retain examples whose NLL the collapse detector compares with its initial value
+GREEDY_TOKENS = 32  #: answer length of the collapse detector's greedy check
+
+
+def reduce_logp(lp_sum, count, how: str):
+    """Summed answer log-likelihood -> ``how``: ``"sum"``, or the per-example token ``"mean"``."""
+    return lp_sum / count.clamp_min(1) if how == "mean" else lp_sum
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _on(dev, batch: dict) -> dict:
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def mean_nll(model, examples, pad_id: int) -> float:
+    """Mean per-token answer NLL of ``examples`` (one padded batch)."""
+    b = _on(_device(model), D.pad_batch(examples, pad_id))
+    lp, n = sequence_logprobs(model, **b)
+    return float((-lp / n).mean())
+
+
+@dataclass
+class Session:
+    """What the hooks see of a running job: the prepared model and what the loop keeps across steps."""
+
+    acc: Any
+    model: Any
+    tokenizer: Any
+    fmt: str
+    out: Path
+    state: dict                                   #: saved with every checkpoint (``state.json``)
+    log_rows: list[dict] = field(default_factory=list)
+    resumed: bool = False
+
+    def write_log(self) -> None:
+        if self.acc.is_main_process:
+            write_csv(self.out / "train_log.csv", self.log_rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference source
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReferenceSource:
+    """Where π_ref comes from in one run, decided once."""
+
+    cached: tuple[str, ...] = ()  #: reference log-likelihoods computed once at θ_0
+    model: bool = False           #: whether a frozen copy of θ_0 is kept
+
+    @classmethod
+    def choose(cls, objective, ref_mode: str) -> ReferenceSource:
+        cached = tuple(k for k in REF_KEYS if k in objective.needs) if ref_mode == "cached" else ()
+        keep = objective.needs_ref_logits or (ref_mode == "model" and objective.uses_reference)
+        return cls(cached, keep)
+
+    def frozen_copy(self, model):
+        """A frozen copy of θ_0 when this source needs one (take it before any weights are resumed)."""
+        return copy.deepcopy(model).requires_grad_(False).eval() if self.model else None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """π_ref as the micro-batches read it: cached per-example values first, else the frozen model."""
+
+    logps: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    model: Any = None
+
+    def logp(self, key: str, ids, batch: dict, reduction: str) -> torch.Tensor:
+        if key in self.logps:
+            return self.logps[key][ids].to(batch["input_ids"].device)
+        with torch.no_grad():
+            lp, n = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return reduce_logp(lp, n, reduction)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return forward_logits(self.model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+
+    def save(self, out: Path) -> None:
+        """Write the cached values to ``out/ref_cache.safetensors`` (once; a resumed run reloads them)."""
+        if self.logps and not (out / REF_CACHE).is_file():
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.logps.items()}, str(out / REF_CACHE))
+
+
+# --------------------------------------------------------------------------------------------------
+# fine-tuning
+# --------------------------------------------------------------------------------------------------
+class FinetuneTask:
+    """Minimise the retain-style NLL (``npo_sim.losses.nll``) over the corpus."""
+
+    stat_names = ("loss", "nll_per_token", "logp_sum")
+
+    @staticmethod
+    def load(job: TrainJob) -> dict:
+        """The corpus rows (bad input fails here, before anything is written)."""
+        split, data_dir = job.task.split, D.resolve_data_dir(job.run.data_dir)
+        if job.run.preset == "mini":
+            return {"train": D.mini_finetune_corpus(split, data_dir)}
+        if split != "full" and not split.startswith("retain"):
+            raise UserError(f"split must be full or retainYY, got {split!r}")
+        return {"train": D.load_split(split, data_dir)}
+
+    def __init__(self, job: TrainJob, rows: dict, tokenizer, fmt: str):
+        self.job, self.reduction, self.pad_id = job, job.run.ga_reduction, tokenizer.pad_token_id
+        self.examples = D.encode_rows(tokenizer, rows["train"], fmt, job.run.max_length)
+        self.n = len(self.examples)
+        self.source = ReferenceSource()
+
+    def info(self) -> dict:
+        return {"method": None, "objective_needs": ["retain_logp"], "reference_model_loaded": False}
+
+    def reference(self, acc, model, frozen, out: Path, state: dict, resumed: bool) -> Reference:
+        return Reference()
+
+    def micro(self, model, reference: Reference, ids, epoch: int):
+        b = _on(_device(model), D.pad_batch([self.examples[i] for i in ids], self.pad_id))
+        lp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
+        loss = nll(reduce_logp(lp, n, self.reduction))
+        stats = {"loss": loss.detach() * len(ids), "nll_per_token": (-lp / n).detach().sum(),
+                 "logp_sum": lp.detach().sum()}
+        return loss, stats, int(b["attention_mask"].sum())
+
+    def start(self, s: Session) -> None:
+        if "retain_nll0" not in s.state:  # reported in run.json; fine-tuning runs no collapse check
+            s.state["retain_nll0"] = mean_nll(s.model, self.examples[:1], self.pad_id)
+
+    def after_step(self, s: Session, row: dict) -> bool:
+        return False
+
+    def end_epoch(self, s: Session, epoch: int) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# unlearning
+# --------------------------------------------------------------------------------------------------
+class UnlearnTask:
+    """Forget/retain inputs for ``objective.needs``; reference inputs from :class:`Reference`."""
+
+    stat_names = ("loss", "forget_loss", "retain_loss", "forget_logp", "forget_logp_per_token",
+                  "retain_nll", "npo_weight")
+
+    @staticmethod
+    def load(job: TrainJob) -> dict:
+        """Forget, retain and IDK rows, and the per-epoch evaluation's inputs (bad input fails here)."""
+        spec, data_dir = job.task, D.resolve_data_dir(job.run.data_dir)
+        forget, retain = D.forget_retain(spec.forget, spec.retain, job.run.preset, data_dir)
+        rows = {"forget": forget, "retain": retain, "idk": D.load_split("idontknow", data_dir)}
+        if job.eval is not None:
+            from .evaluate import prepare_eval
+
+            rows["eval"] = prepare_eval(job.eval)
+        return rows
+
+    def __init__(self, job: TrainJob, rows: dict, tokenizer, fmt: str):
+        run, spec = job.run, job.task
+        self.job, self.obj, self.pad_id = job, spec.objective(), tokenizer.pad_token_id
+        self.forget = D.encode_rows(tokenizer, rows["forget"], fmt, run.max_length)
+        self.retain = D.encode_rows(tokenizer, rows["retain"], fmt, run.max_length)
+        idk_idx = D.pair_idk(len(rows["forget"]), len(rows["idk"]), run.seed)
+        self.idk = [D.encode_qa(tokenizer, r["question"], rows["idk"][j], fmt, run.max_length)
+                    for r, j in zip(rows["forget"], idk_idx)]
+        self.n = len(self.forget)
+        self.reduction = "sum" if self.obj.sequence_reduction == "sum" else run.ga_reduction
+        self.source = ReferenceSource.choose(self.obj, spec.ref_mode)
+        self.monitor_questions = [r["question"] for r in rows["retain"][:run.collapse_questions]]
+        self.eval_inputs = rows.get("eval")
+        self.greedy_log: dict[str, list[str]] = {}
+
+    def info(self) -> dict:
+        return {"method": self.job.task.method, "objective_needs": sorted(self.obj.needs),
+                "reference_model_loaded": self.source.model}
+
+    # ---- the reference, built once after the model is prepared
+    def reference(self, acc, model, frozen, out: Path, state: dict, resumed: bool) -> Reference:
+        ref_model = acc.prepare_model(frozen, evaluation_mode=True) if frozen is not None else None
+        path, logps = out / REF_CACHE, {}
+        if resumed and path.is_file():
+            from safetensors.torch import load_file
+
+            logps = load_file(str(path))
+        elif self.source.cached:
+            if resumed:
+                raise UserError(f"--resume: {path} is missing")
+            t0 = time.time()
+            logps = self._cache(model, self.job.run.batch_size)
+            state["ref_cache_seconds"] = time.time() - t0
+        return Reference(logps, ref_model)
+
+    @torch.no_grad()
+    def _cache(self, model, batch_size: int) -> dict[str, torch.Tensor]:
+        """``logp_ref`` (and ``idk_logp_ref``) for every forget example, once, at the initial weights."""
+        out, dev = {}, _device(model)
+        for key, exs in (("logp_ref", self.forget), ("idk_logp_ref", self.idk)):
+            if key not in self.source.cached:
+                continue
+            vals = []
+            for s in range(0, len(exs), batch_size):
+                b = _on(dev, D.pad_batch(exs[s:s + batch_size], self.pad_id))
+                lp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
+                vals.append(reduce_logp(lp, n, self.reduction).float().cpu())
+            out[key] = torch.cat(vals)
+        return out
+
+    # ---- one micro-batch
+    def micro(self, model, reference: Reference, ids, epoch: int):
+        dev, needs, red, pad_id = _device(model), self.obj.needs, self.reduction, self.pad_id
+        pairs = D.pair_retain(self.n, len(self.retain), self.job.run.seed, epoch)
+        fb = _on(dev, D.pad_batch([self.forget[i] for i in ids], pad_id))
+        rb = _on(dev, D.pad_batch([self.retain[pairs[i]] for i in ids], pad_id))
+        x: dict[str, torch.Tensor] = {}
+        ib = None
+        # forget side: always computed (logged even when the objective does not read it)
+        with torch.set_grad_enabled(bool(needs & {"logp", "length"})):
+            lp, n = sequence_logprobs(model, fb["input_ids"], fb["attention_mask"], fb["labels"])
+        x["logp"], x["length"] = reduce_logp(lp, n, red), n.to(lp.dtype)
+        if "idk_logp" in needs:
+            ib = _on(dev, D.pad_batch([self.idk[i] for i in ids], pad_id))
+            ilp, icount = sequence_logprobs(model, ib["input_ids"], ib["attention_mask"], ib["labels"])
+            x["idk_logp"] = reduce_logp(ilp, icount, red)
+        for key, b in (("logp_ref", fb), ("idk_logp_ref", ib)):
+            if key in needs:
+                x[key] = reference.logp(key, ids, b, red)
+        # retain side: retain NLL is always logged; gradients only when the objective reads it
+        if "retain_logits" in needs:
+            rlp, rn, rlogits, rmask = token_logits(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
+            x.update(retain_logits=rlogits, retain_ref_logits=reference.logits(rb), retain_mask=rmask)
+        else:
+            with torch.set_grad_enabled("retain_logp" in needs):
+                rlp, rn = sequence_logprobs(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
+        x["retain_logp"] = reduce_logp(rlp, rn, self.job.run.ga_reduction)
+        terms = self.obj(x)
+        tokens = int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
+        return terms.loss, self._stats(terms, lp, n, rlp, rn, x), tokens
+
+    def _stats(self, terms, lp, n, rlp, rn, x) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            B = len(lp)
+            stats = {"loss": terms.loss.detach() * B, "forget_loss": terms.forget.detach() * B,
+                     "retain_loss": terms.retain.detach() * B, "forget_logp": lp.detach().sum(),
+                     "forget_logp_per_token": (lp / n).detach().sum(), "retain_nll": (-rlp / rn).detach().sum()}
+            if "logp_ref" in x:
+                stats["npo_weight"] = npo_weight(reduce_logp(lp, n, "sum").detach(), x["logp_ref"],
+                                                 self.obj.beta).sum()
+        return stats
+
+    # ---- hooks: collapse detector and per-epoch evaluation
+    def _greedy(self, s: Session, key: str) -> float:
+        """Answer the monitored retain questions greedily; log them under ``key``; the degenerate fraction."""
+        answers = greedy_ids(s.model, s.tokenizer, s.fmt, self.monitor_questions, max_new_tokens=GREEDY_TOKENS)
+        answers = [a if s.tokenizer.decode(a, skip_special_tokens=True).strip() else [] for a in answers]
+        self.greedy_log[key] = [s.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        return sum(is_degenerate(a) for a in answers) / len(answers)
+
+    def start(self, s: Session) -> None:
+        st = s.state
+        if "retain_nll0" not in st:
+            st["retain_nll0"] = mean_nll(s.model, self.retain[:NLL_MONITOR], self.pad_id)
+        path = s.out / GREEDY_LOG
+        if s.resumed and path.is_file():
+            self.greedy_log = json.loads(path.read_text())
+        if self.monitor_questions and "degenerate_frac0" not in st:  # the starting model's own baseline
+            st["degenerate_frac0"] = self._greedy(s, "0")
+
+    def after_step(self, s: Session, row: dict) -> bool:
+        """Flag the step: retain NLL > k × initial, or the last greedy check degenerate."""
+        if "logp_ref" not in self.obj.needs:
+            row["npo_weight"] = math.nan
+        row["collapse_nll"] = int(row["retain_nll"] > self.job.run.collapse_k * s.state["retain_nll0"])
+        row["degenerate_frac"] = math.nan
+        return self._flag(s, row)
+
+    def _flag(self, s: Session, row: dict) -> bool:
+        collapsed = bool(row["collapse_nll"]) or bool(s.state.get("greedy_bad"))
+        row["collapse"] = int(collapsed)
+        s.state["ever_collapsed"] = bool(s.state.get("ever_collapsed")) or collapsed
+        return collapsed
+
+    def end_epoch(self, s: Session, epoch: int) -> bool:
+        """Greedy degeneration check (more than half the answers, and more than at the start), then
+        the per-epoch evaluation. Returns whether the run counts as collapsed now."""
+        last = s.log_rows[-1]
+        collapsed = bool(last["collapse"])
+        if self.monitor_questions:
+            frac = self._greedy(s, str(epoch))
+            last["degenerate_frac"] = frac
+            s.state["greedy_bad"] = frac > max(0.5, s.state.get("degenerate_frac0", 0.0))
+            collapsed = self._flag(s, last)
+            s.write_log()
+            if s.acc.is_main_process:
+                write_json(s.out / GREEDY_LOG, self.greedy_log)
+        if self.eval_inputs is not None:
+            if s.acc.is_main_process:
+                from .evaluate import evaluate_epoch
+
+                evaluate_epoch(s.acc.unwrap_model(s.model), s.tokenizer, s.fmt, s.out, epoch, self.job.eval,
+                               self.eval_inputs)
+            s.acc.wait_for_everyone()
+        return collapsed
+
+
+#: the task of each spec type
+TASKS = {FinetuneSpec: FinetuneTask, UnlearnSpec: UnlearnTask}
