@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: figures test venv tofu-mini bench clean-venv
+.PHONY: figures test lint venv tofu-mini bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ figures: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # TOFU data: ../shared/tofu/data unless NPO_TOFU_DIR is set. ~20 min on a 2-core CPU (the committed run).
 NPO_TOFU_DIR ?= $(abspath ../shared/tofu/data)

@@ -170,7 +170,7 @@ INPUT_KEYS = {
 class _Term:
     """One forget or retain term: its function and the facts every setting reads about it."""
 
-    fn: Callable[[Mapping[str, Tensor], "Objective"], Tensor]
+    fn: Callable[[Mapping[str, Tensor], Objective], Tensor]
     needs: frozenset[str]
     description: str
     #: family of the forget term ("ga", "npo", "idk", "dpo"); claims such as "NPO-based methods ..." read it

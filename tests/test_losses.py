@@ -256,3 +256,25 @@ def test_unknown_name_lists_choices():
         get_objective("npo_rtt")
     with pytest.raises(ValueError):
         npo(torch.zeros(2), torch.zeros(2), 0.0)
+
+
+def test_registry_method_facts():
+    # β changes exactly the objectives whose forget term is parametrised by it
+    for name, obj in OBJECTIVES.items():
+        b1, b2 = get_objective(name, beta=0.3), get_objective(name, beta=3.0)
+        x = {"logp": torch.tensor([-2.0, -0.5]), "logp_ref": torch.tensor([-1.0, -1.5]),
+             "length": torch.tensor([2.0, 3.0]), "idk_logp": torch.tensor([-1.2, -0.7]),
+             "idk_logp_ref": torch.tensor([-1.0, -1.0]), "retain_logp": torch.tensor([-0.3]),
+             "retain_logits": torch.zeros(1, 3), "retain_ref_logits": torch.zeros(1, 3)}
+        changed = not torch.isclose(b1(x).forget, b2(x).forget)
+        assert changed == obj.uses_beta, name
+        assert obj.label and obj.color.startswith("#") and obj.family in {"ga", "npo", "idk", "dpo"}
+        # reference- or length-dependent terms take the summed sequence log-likelihood
+        assert (obj.sequence_reduction == "sum") == bool(
+            losses.FORGET_TERMS[obj.forget].needs & {"logp_ref", "idk_logp_ref", "length"}), name
+    # the NPO paper's Table 1 (§4): GA, GA+RT, IDK+RT, NPO, NPO+RT, DPO+RT, in that order
+    assert losses.paper_table1() == ("ga", "ga_rt", "idk_rt", "npo", "npo_rt", "dpo_rt")
+    assert losses.methods(retain_free=True) == tuple(n for n, o in OBJECTIVES.items() if not o.retain)
+    assert set(losses.methods(family="npo")) == {"npo", "npo_rt", "npo_kl", "simnpo", "simnpo_rt"}
+    assert losses.label("npo_rt") == "NPO+RT" and losses.label("unknown") == "unknown"
+    assert len({o.color for o in OBJECTIVES.values()}) == len(OBJECTIVES)

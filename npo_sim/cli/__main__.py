@@ -1,0 +1,7 @@
+"""``python -m npo_sim.cli`` is ``npo-sim``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
