@@ -27,6 +27,27 @@ class NonFiniteLoss(RuntimeError):
     """Raised when the loss or a gradient becomes NaN/inf (a diverged run). CLIs print it on one line and exit 3."""
 
 
+def check_out_dir(path) -> Path:
+    """Fail now, in one line, if ``path`` cannot receive results; create nothing.
+
+    Called before any work starts, so that a bad ``--out`` (an existing file, a read-only or virtual
+    file system such as /proc) is reported at once instead of after a whole simulation.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"output location {p} is an existing file, not a directory")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output location {p}: {parent} is a file, not a directory")
+    try:  # the only reliable test (root passes os.access everywhere): make and remove a directory there
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".npo-write-test."))
+    except OSError as exc:
+        raise UserError(f"output location {p} is not writable ({parent}: {exc.strerror or exc})") from exc
+    return p
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

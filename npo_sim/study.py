@@ -57,6 +57,9 @@ class StudyRun:
 def run_study(study: Study, config, out_dir, figures_dir=None, *, progress: bool = False) -> StudyRun:
     """Simulate ``config``, then write its config, tables, summary, claims, figures and timing."""
     out_dir = Path(out_dir)
+    for where in (out_dir, figures_dir):
+        if where is not None:
+            runio.check_out_dir(where)   # before any work: a bad location fails at once
     t0 = time.perf_counter()
     results = study.simulate(config, progress)
     found = list(study.findings(results, config))

@@ -28,6 +28,8 @@ from .runio import NonFiniteLoss  # noqa: F401  (re-exported: raised by run())
 
 #: θ-dependent input -> the name of its cached reference counterpart
 REFERENCE_OF = {"logp": "logp_ref", "idk_logp": "idk_logp_ref", "retain_logits": "retain_ref_logits"}
+#: the inputs that depend on θ differentiably (``length`` and masks do not)
+THETA_INPUTS = frozenset({"logp", "idk_logp", "retain_logp", "retain_logits"})
 
 
 class Adapter(Protocol):
@@ -38,6 +40,12 @@ class Adapter(Protocol):
     def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Named quantities to record, each a tensor of shape ``(*replicas,)`` (or a scalar)."""
 
+    # Optional closed-form chain rule (for models linear in their parameters, e.g. Φθ):
+    #   vjp(params, inputs: dict[str, Tensor], cotangents: dict[str, Tensor]) -> list[Tensor]
+    # returns, per parameter, Σ_k ⟨cotangents[k], ∂inputs[k]/∂param⟩ for the θ-dependent inputs in
+    # THETA_INPUTS. With it, autograd runs only through the loss (over per-example tensors), never
+    # through the model; without it, autograd differentiates the whole adapter (the reference path).
+    #
     # Optional minibatch hook (not part of the Protocol, so existing adapters need nothing):
     #   select(step: int, ref: dict[str, Tensor]) -> dict[str, Tensor]
     # is called at the start of every step; the adapter picks that step's minibatch for its
@@ -72,7 +80,9 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
 
     Columns: ``step``, ``replica`` and one column per recorded quantity (adapter metrics, ``loss``,
     ``forget_loss``, ``retain_loss``, and ``npo_weight`` — the mean W — when the objective uses
-    ``logp_ref``). Rows are (record step × replica). Raises :class:`NonFiniteLoss` on divergence.
+    ``logp_ref``). Rows are (record step × replica). Raises :class:`NonFiniteLoss` on divergence;
+    finiteness is checked at record steps only (and at the last step), so the loop never syncs on it
+    in between: a diverged run keeps exactly the records made before it diverged.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -82,12 +92,27 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
     record = set(int(s) for s in record_at)
     opt = optimizer(params) if optimizer is not None else None
     select = getattr(adapter, "select", None)  # optional minibatch hook (see Adapter)
+    vjp = getattr(adapter, "vjp", None)        # optional closed-form chain rule (see Adapter)
     rows: dict[str, list] = {}
+
+    def _theta_inputs() -> dict[str, Tensor]:
+        if vjp is None:
+            return adapter.inputs(params, needs_theta)
+        with torch.no_grad():
+            got = adapter.inputs(params, needs_theta)
+        return {k: v.detach().requires_grad_(k in THETA_INPUTS) for k, v in got.items()}
 
     def _terms(step: int):
         ref_now = select(step, ref) if select is not None else ref
-        inputs: Mapping[str, Tensor] = {**adapter.inputs(params, needs_theta), **ref_now}
+        inputs: Mapping[str, Tensor] = {**_theta_inputs(), **ref_now}
         return objective(inputs), inputs
+
+    def _grads(total: Tensor, inputs: Mapping[str, Tensor]) -> Sequence[Tensor]:
+        if vjp is None:
+            return torch.autograd.grad(total, params)
+        keys = [k for k in inputs if k in THETA_INPUTS and inputs[k].requires_grad]
+        cot = torch.autograd.grad(total, [inputs[k] for k in keys])
+        return vjp(params, {k: inputs[k].detach() for k in keys}, dict(zip(keys, cot)))
 
     def _record(step: int, terms, inputs) -> None:
         with torch.no_grad():
@@ -107,14 +132,14 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
         terms, inputs = _terms(step)
         if step in record:
             _record(step, terms, inputs)
-        if step == steps:
-            break
         total = terms.loss.sum()
-        if not torch.isfinite(total):
-            exc = NonFiniteLoss(f"loss became non-finite at step {step} (objective {objective.name})")
+        if (step in record or step == steps) and not torch.isfinite(total):
+            exc = NonFiniteLoss(f"loss became non-finite by step {step} (objective {objective.name})")
             exc.step, exc.rows = step, {k: np.asarray(v) for k, v in rows.items()}  # the records made so far
             raise exc
-        grads = torch.autograd.grad(total, params)
+        if step == steps:
+            break
+        grads = _grads(total, inputs)
         if opt is None:
             with torch.no_grad():
                 for p, g in zip(params, grads):

@@ -141,6 +141,11 @@ QUICK = TheoryConfig(steps=10_000, etas=(0.5, 1.0), n_fs=(8, 16), ds=(4096,), n_
 _BASE_POINT = (("base_eta", "etas"), ("base_n_f", "n_fs"), ("base_d", "ds"), ("base_beta", "betas"))
 
 
+def _log_distance_to_1(beta: float) -> float:
+    """|log β|; invalid β (≤ 0) sort last, so the config's own validation reports them."""
+    return abs(math.log(beta)) if beta > 0 else math.inf
+
+
 def make_config(base: TheoryConfig, **overrides) -> TheoryConfig:
     """``base`` with ``overrides``, keeping the base point inside a narrowed grid.
 
@@ -151,7 +156,7 @@ def make_config(base: TheoryConfig, **overrides) -> TheoryConfig:
     for name, values_name in _BASE_POINT:
         values = over.get(values_name, getattr(base, values_name))
         if name not in over and getattr(base, name) not in values and values:
-            over[name] = values[-1] if name != "base_beta" else min(values, key=lambda b: abs(math.log(b)))
+            over[name] = values[-1] if name != "base_beta" else min(values, key=_log_distance_to_1)
     return dataclasses.replace(base, **over)
 
 
