@@ -27,6 +27,13 @@ EXIT_CODES: dict[type[BaseException], int] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line too (``prog: error: ...; see prog --help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def split_commas(text: str | None) -> tuple[str, ...]:
     """``"a, b,,c"`` -> ``("a", "b", "c")``; ``None`` or blank -> ``()``. The one comma-list parser."""
     return tuple(x.strip() for x in (text or "").split(",") if x.strip())
@@ -93,7 +100,7 @@ def guarded(prog: str, args, entry, errors: Mapping[type[BaseException], int] | 
 
 def build_and_run(prog: str, description: str, commands: Mapping[str, tuple[str, str]], argv=None) -> int:
     """Parse ``argv`` and run the chosen subcommand under :func:`guarded`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}

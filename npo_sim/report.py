@@ -120,6 +120,8 @@ def run_figures(out: Path, runs: Path, smoke: bool = False, only: list[str] | No
     """Run the studies (or, with ``report_only``, reload their claims) and write REPORT.md."""
     out, runs = Path(out), Path(runs)
     selected = _select(planned_runs(smoke), only)
+    for where in (out, runs):
+        runio.check_out_dir(where)   # before any study runs
     found, timings = [], {}
     for name, rows, seconds in _execute(selected, out, runs, report_only):
         found += rows
