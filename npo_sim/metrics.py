@@ -1,10 +1,20 @@
-"""Model-agnostic metrics: KL between categoricals, KS p-value, harmonic mean, growth-rate fits."""
+"""Model-agnostic metrics: KL between categoricals, KS p-value, harmonic mean, growth-rate fits, and
+membership-inference, memorization and privacy metrics with bootstrap CIs.
+
+Everything here is a pure function of numbers a setting already has (probabilities, per-token
+log-probs, teacher-forced hit masks, texts), so the Markov setting and the LM share them.
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
+import zlib
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from scipy import stats
 
 
@@ -91,3 +101,169 @@ def log_fit(t, y, offset: float = 1.0) -> Fit:
     if (t + offset <= 0).any():
         raise ValueError("log_fit: t + offset must be > 0")
     return _ols(np.log(t + offset), y)
+
+
+# --------------------------------------------------------------------------------------------------
+# membership inference, memorization, privacy (pure functions over per-token log-probs and hit masks)
+# --------------------------------------------------------------------------------------------------
+# Shapes: ``token_logp``, ``mask`` and ``hits`` are ``(*batch, T)``; ``mask`` marks the answer tokens
+# (|y| = mask.sum(-1) ≥ 1). Every MIA score is per example, and higher means "more likely a member".
+
+
+def _mask(mask, like: torch.Tensor) -> torch.Tensor:
+    m = torch.as_tensor(mask, device=like.device).bool()
+    if m.shape != like.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} must equal {tuple(like.shape)}")
+    if bool((m.sum(-1) == 0).any()):
+        raise ValueError("every example needs at least one answer token in its mask")
+    return m
+
+
+def auc(member_scores, nonmember_scores) -> float:
+    """``P(member score > non-member score)``, ties counted ½ (the ROC AUC of the score)."""
+    a = np.asarray(member_scores, dtype=float).ravel()
+    b = np.asarray(nonmember_scores, dtype=float).ravel()
+    if a.size == 0 or b.size == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("auc: both score sets must be non-empty and finite")
+    ranks = stats.rankdata(np.concatenate([a, b]))   # average ranks: a tie counts ½
+    return float((ranks[: a.size].sum() - a.size * (a.size + 1) / 2) / (a.size * b.size))
+
+
+def mia_loss(token_logp, mask) -> torch.Tensor:
+    """Mean answer-token log-prob (the LOSS attack, Yeom et al. 2018)."""
+    lp = torch.as_tensor(token_logp)
+    m = _mask(mask, lp)
+    return (lp * m).sum(-1) / m.sum(-1)
+
+
+def _lowest_k_mean(values: torch.Tensor, m: torch.Tensor, k: float) -> torch.Tensor:
+    if not 0 < k <= 1:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    n = m.sum(-1)
+    count = torch.clamp(torch.floor(k * n.to(torch.float64)).long(), min=1)
+    ordered = torch.sort(torch.where(m, values, torch.full_like(values, math.inf)), dim=-1).values
+    keep = torch.arange(values.shape[-1], device=values.device) < count.unsqueeze(-1)
+    return torch.where(keep, ordered, torch.zeros_like(ordered)).sum(-1) / count
+
+
+def mia_min_k(token_logp, mask, k: float = 0.4) -> torch.Tensor:
+    """Mean of the lowest ⌊k·|y|⌋ answer-token log-probs, at least one (Min-K%, Shi et al., 2024)."""
+    lp = torch.as_tensor(token_logp)
+    return _lowest_k_mean(lp, _mask(mask, lp), k)
+
+
+def mia_min_k_plus_plus(token_logp, mu, sigma, mask, k: float = 0.4) -> torch.Tensor:
+    """Min-K%++ (Zhang et al., 2024): Min-K% over ``(log p − μ)/σ``.
+
+    ``mu`` and ``sigma`` are, per position, the mean and standard deviation of the log-probs under the
+    model's own next-token distribution (``μ = Σ_v p_v log p_v``, ``σ² = Σ_v p_v (log p_v − μ)²``).
+    """
+    lp = torch.as_tensor(token_logp)
+    z = (lp - torch.as_tensor(mu)) / torch.as_tensor(sigma).clamp_min(1e-12)
+    return _lowest_k_mean(z, _mask(mask, lp), k)
+
+
+def mia_zlib(token_logp, mask, texts) -> torch.Tensor:
+    """Summed answer log-prob divided by the zlib-compressed byte length of the text (Carlini et al., 2021)."""
+    lp = torch.as_tensor(token_logp)
+    m = _mask(mask, lp)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(texts) != lp.reshape(-1, lp.shape[-1]).shape[0]:
+        raise ValueError(f"mia_zlib: {len(texts)} texts for {lp.reshape(-1, lp.shape[-1]).shape[0]} examples")
+    zlen = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=lp.dtype).reshape(lp.shape[:-1])
+    return (lp * m).sum(-1) / zlen
+
+
+def mia_reference(token_logp, ref_token_logp, mask) -> torch.Tensor:
+    """Mean answer-token log-prob minus the reference model's (the reference attack)."""
+    return mia_loss(token_logp, mask) - mia_loss(ref_token_logp, mask)
+
+
+def exact_memorization(hits, mask) -> torch.Tensor:
+    """Share of answer tokens where the teacher-forced argmax equals the label (Tirumala et al., 2022)."""
+    h = torch.as_tensor(hits).bool()
+    m = _mask(mask, h)
+    return (h & m).sum(-1).double() / m.sum(-1)
+
+
+def extraction_strength(hits, mask) -> torch.Tensor:
+    """``1 − k/|y|``, k the smallest prefix length after which every teacher-forced prediction hits
+    (Carlini et al., 2021; as open-unlearning reports it). All hits give 1; a miss on the last token 0."""
+    h = torch.as_tensor(hits).bool()
+    m = _mask(mask, h)
+    miss = m & ~h
+    pos = torch.cumsum(m.long(), -1)               # 1-based position of each answer token
+    k = torch.where(miss, pos, torch.zeros_like(pos)).amax(-1)   # answer position of the last miss
+    return 1.0 - k.double() / m.sum(-1)
+
+
+def privleak(auc_model: float, auc_retain: float) -> float:
+    """``(AUC_model − AUC_retain)/AUC_retain × 100``, as MUSE reports it (0 = like the retain model)."""
+    if not (0 < auc_retain <= 1 and 0 <= auc_model <= 1):
+        raise ValueError(f"privleak: AUCs must be in [0, 1] (retain > 0), got {auc_model}, {auc_retain}")
+    return (auc_model - auc_retain) / auc_retain * 100.0
+
+
+class CI(NamedTuple):
+    lo: float
+    hi: float
+    estimate: float   #: the statistic on the full sample
+    std: float        #: the bootstrap standard deviation
+
+
+def bootstrap_ci(statistic, samples, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> CI:
+    """Percentile bootstrap CI of ``statistic`` over the first axis of ``samples``.
+
+    ``samples`` is an array, or a tuple of arrays with the same first-axis length that are resampled
+    with the *same* indices (paired, e.g. two models' scores on the same forget questions); then
+    ``statistic(*arrays)``. Returns ``CI(lo, hi, estimate, std)``.
+    """
+    arrays = tuple(np.asarray(s) for s in (samples if isinstance(samples, tuple) else (samples,)))
+    n = arrays[0].shape[0]
+    if n == 0 or any(a.shape[0] != n for a in arrays):
+        raise ValueError("bootstrap_ci: samples must be non-empty with a common first axis")
+    if not (0 < alpha < 1) or n_boot < 1:
+        raise ValueError(f"bootstrap_ci: need 0 < alpha < 1 and n_boot >= 1, got {alpha}, {n_boot}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boots = np.array([statistic(*(a[i] for a in arrays)) for i in idx], dtype=float)
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return CI(float(lo), float(hi), float(statistic(*arrays)), float(boots.std(ddof=1)) if n_boot > 1 else 0.0)
+
+
+def _ks_witness(n: int, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of sizes n = m whose two-sample KS statistic is exactly k/n: k of y first, then x and y
+    alternate, then the remaining x."""
+    order = ["y"] * k + [s for _ in range(n - k) for s in ("x", "y")] + ["x"] * k
+    xs = np.array([i for i, s in enumerate(order) if s == "x"], dtype=float)
+    ys = np.array([i for i, s in enumerate(order) if s == "y"], dtype=float)
+    return xs, ys
+
+
+def _ks_statistics_brute(n: int, m: int) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """Every attainable KS statistic for sizes (n, m), with a witness, by enumerating orderings."""
+    found = {}
+    for xs_pos in itertools.combinations(range(n + m), n):
+        xs = np.array(xs_pos, dtype=float)
+        ys = np.array(sorted(set(range(n + m)) - set(xs_pos)), dtype=float)
+        d = round(float(stats.ks_2samp(xs, ys).statistic), 12)
+        found.setdefault(d, (xs, ys))
+    return found
+
+
+def ks_attainable_pvalues(n: int, m: int) -> np.ndarray:
+    """Every p-value ``scipy.stats.ks_2samp`` (as TOFU calls it) can return for sizes n and m, ascending.
+
+    Forget quality is such a p-value, so it lives on this lattice; show it next to FQ to make its
+    coarseness visible. For n = m (TOFU compares two models on the same questions) the statistic takes
+    exactly the values k/n, k = 1..n; other sizes are enumerated (only for ``C(n+m, n) ≤ 2·10⁵``).
+    """
+    if n < 1 or m < 1:
+        raise ValueError(f"ks_attainable_pvalues: sizes must be >= 1, got {n}, {m}")
+    if n == m:
+        witnesses = [_ks_witness(n, m, k) for k in range(1, n + 1)]
+    elif math.comb(n + m, n) <= 200_000:
+        witnesses = list(_ks_statistics_brute(n, m).values())
+    else:
+        raise ValueError(f"ks_attainable_pvalues: sizes {n} != {m} too large to enumerate")
+    return np.unique([stats.ks_2samp(x, y).pvalue for x, y in witnesses])
