@@ -38,6 +38,7 @@ DPO_SCALE = "2/beta"
 
 __all__ = [
     "ga", "npo", "npo_weight", "simnpo", "dpo", "nll", "kl",
+    "wga", "tnpo", "satimp", "undial", "ce_u", "rmu", "hidden_mse", "kto",
     "Objective", "LossTerms", "OBJECTIVES", "FORGET_TERMS", "RETAIN_TERMS", "get_objective",
     "methods", "paper_table1", "label", "color",
     "INPUT_KEYS", "DPO_SCALE",
@@ -147,6 +148,105 @@ def kl(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None, batch_dim
     if m.shape != per_pos.shape:
         raise ValueError(f"kl: mask shape {tuple(m.shape)} must be {tuple(per_pos.shape)}")
     return (per_pos * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# token-level and distribution-level forget terms
+# --------------------------------------------------------------------------------------------------
+# Token-level terms take ``token_logp`` and ``mask`` of shape ``(*replicas, n, T)`` (``mask`` marks the
+# answer tokens, at least one per example): they reduce over T with the mask (a token mean per
+# example), then take the mean over n. Logit-level terms take ``(*replicas, n, T, V)`` logits and
+# ``(*replicas, n, T)`` labels and mask. Weights written ``sg(·)`` carry no gradient.
+def _token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(per_token.dtype)
+    if m.shape != per_token.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} must be {tuple(per_token.shape)}")
+    n_tok = m.sum(-1)
+    if bool((n_tok == 0).any()):
+        raise ValueError("every example needs at least one answer token in its mask")
+    return ((per_token * m).sum(-1) / n_tok).mean(-1)
+
+
+def _per_replica_tokens(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """Broadcast a per-replica hyperparameter against ``(*replicas, n, T)``."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.ndim == like.ndim - 2:
+        return value.to(like).reshape(value.shape + (1, 1))
+    return value.to(like) if isinstance(value, Tensor) else value
+
+
+def wga(token_logp: Tensor, mask: Tensor, beta: float | Tensor) -> Tensor:
+    """Weighted gradient ascent (Wang et al., 2025, "Rethinking LLM unlearning objectives"):
+    ``mean_i mean_{t∈y_i} sg(p_t^β)·log p_t``. Its per-token gradient weight is ``W = p^β`` (tail a = β).
+
+    open-unlearning's WGA pools the token mean over the micro-batch; here it is per example, then over
+    examples, like every other term.
+    """
+    _positive("beta", beta)
+    b = _per_replica_tokens(beta, token_logp)
+    return _token_mean(torch.exp(b * token_logp).detach() * token_logp, mask)
+
+
+def tnpo(token_logp: Tensor, ref_token_logp: Tensor, mask: Tensor, beta: float | Tensor) -> Tensor:
+    """Token-level NPO (Wang et al., 2025): NPO's ``(2/β)·log(1+(p_t/p_ref,t)^β)`` per answer token,
+    token mean per example, mean over examples. Per-token weight ``2σ(β(log p_t − log p_ref,t))``."""
+    _positive("beta", beta)
+    b = _per_replica_tokens(beta, token_logp)
+    return _token_mean(2.0 / b * F.softplus(b * (token_logp - ref_token_logp)), mask)
+
+
+def satimp(token_logp: Tensor, mask: Tensor, beta1: float | Tensor, beta2: float | Tensor) -> Tensor:
+    """SatImp (Yang et al., 2025, "Exploring criteria of loss reweighting to enhance LLM unlearning"):
+    ``mean_i mean_t sg(p_t^{β1}(1−p_t)^{β2})·log p_t``: weight ``W = p^{β1}(1−p)^{β2}`` (tail a = β1)."""
+    _positive("beta1", beta1)
+    if not (isinstance(beta2, Tensor) or (math.isfinite(beta2) and beta2 >= 0)):
+        raise ValueError(f"beta2 must be finite and >= 0, got {beta2!r}")
+    b1, b2 = _per_replica_tokens(beta1, token_logp), _per_replica_tokens(beta2, token_logp)
+    p = token_logp.exp()
+    weight = (p ** b1 * (1.0 - p).clamp_min(0.0) ** b2).detach()
+    return _token_mean(weight * token_logp, mask)
+
+
+def undial(logits: Tensor, ref_logits: Tensor, labels: Tensor, mask: Tensor, gamma: float | Tensor) -> Tensor:
+    """UNDIAL (Dong et al., 2025): self-distillation towards the reference's next-token distribution with
+    the true token's logit lowered by γ: ``KL(q ‖ π_θ)``, ``q = softmax(z_ref − γ·onehot(y))``, averaged
+    over answer positions per example, then over examples. The target is fixed, so the drift stops."""
+    onehot = F.one_hot(labels.clamp_min(0), logits.shape[-1]).to(ref_logits.dtype)
+    g = gamma.to(ref_logits).reshape(gamma.shape + (1,) * (ref_logits.ndim - gamma.ndim)) \
+        if isinstance(gamma, Tensor) and gamma.ndim > 0 else gamma
+    logq = F.log_softmax((ref_logits - g * onehot).detach(), dim=-1)
+    per_pos = (logq.exp() * (logq - F.log_softmax(logits, dim=-1))).sum(-1)
+    return _token_mean(per_pos, mask)
+
+
+def ce_u(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """CE-U (cross-entropy unlearning, Yang et al., 2025): cross-entropy towards the model's own
+    distribution with the true token's logit set to −∞, ``q = softmax(sg(z) with z_y = −∞)``; the
+    gradient on the true logit is ``p_y`` (tail a = 1)."""
+    onehot = F.one_hot(labels.clamp_min(0), logits.shape[-1]).bool()
+    q = F.softmax(logits.detach().masked_fill(onehot, -math.inf), dim=-1)
+    per_pos = -(q * F.log_softmax(logits, dim=-1)).sum(-1)
+    return _token_mean(per_pos, mask)
+
+
+def rmu(hidden: Tensor, control: Tensor, mask: Tensor) -> Tensor:
+    """RMU's forget term (Li et al., 2024, WMDP): steer one layer's forget activations to a scaled random
+    vector, ``mean_i mean_{t} ‖h_t − c·u‖²/d`` (``control`` = c·u, shape ``(d,)``)."""
+    per_pos = (hidden - control).pow(2).mean(-1)
+    return _token_mean(per_pos, mask)
+
+
+def hidden_mse(hidden: Tensor, ref_hidden: Tensor, mask: Tensor) -> Tensor:
+    """RMU's retain term: ``mean_i mean_t ‖h_t − h_ref,t‖²/d`` on retain activations."""
+    return _token_mean((hidden - ref_hidden).pow(2).mean(-1), mask)
+
+
+def kto(logp: Tensor, logp_ref: Tensor, z0: Tensor, beta: float | Tensor) -> Tensor:
+    """KTO's undesirable-example loss as in the NPO repository (``TOFU/dataloader.py``, ``kto_sigmoid``):
+    ``1 − (2/β)·mean σ(z0 − β(logp − logp_ref))``, with the reference point ``z0`` (there: the mean
+    IDK-answer log-ratio, without gradient). Gradient weight ``2σ'(z0 − βr) ~ 2e^{−z0}(π/π_ref)^β``: a = β."""
+    _positive("beta", beta)
+    b = _per_replica(beta, logp)
+    return 1.0 - (2.0 / b * torch.sigmoid(z0.detach() - b * (logp - logp_ref))).mean(-1)
 
 
 # --------------------------------------------------------------------------------------------------

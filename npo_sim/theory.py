@@ -177,3 +177,60 @@ def npo_flow_margin(t, m0: float, c: float, eta: float, beta: float):
         out[i] = optimize.brentq(lambda m, ti=ti: npo_flow_time(m, m0, c, eta, beta)[0] - ti, lo, m0,
                                  xtol=1e-12, rtol=1e-12)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the general law of a weighted ascent term: W(p) ~ c·p^a as p → 0
+# --------------------------------------------------------------------------------------------------
+def weighted_ascent_shift(t, a: float, c: float, eta: float):
+    """Logit shift ``b(t)`` of one logistic sample under a forget term with gradient weight ``W ~ c·p^a``.
+
+    With ``p ≈ e^b`` near collapse, ``db/dt = −c η e^{ab}`` (b(0) = 0; ``c`` absorbs the feature norm
+    and the start: ``c = c_W·‖x‖²·e^{a·m0}``). Solved: ``b = −c η t`` for a = 0 (GA: linear), and
+    ``b = −(1/a)·log(1 + a c η t)`` for a > 0 (logarithmic with rate 1/a; NPO has a = β, Theorem 2).
+    """
+    t = np.asarray(t, dtype=float)
+    if a < 0:
+        raise ValueError(f"tail exponent a must be >= 0, got {a}")
+    return -c * eta * t if a == 0 else -np.log1p(a * c * eta * t) / a
+
+
+def steps_to_reach(R, a: float, c: float, eta: float):
+    """Steps for :func:`weighted_ascent_shift` to reach ``|b| = R``: ``R/(cη)`` (a = 0) or
+    ``(e^{aR} − 1)/(a c η)`` (a > 0) — exponentially many in R once a > 0."""
+    R = np.asarray(R, dtype=float)
+    return R / (c * eta) if a == 0 else np.expm1(a * R) / (a * c * eta)
+
+
+def weighted_flow_time(weight, m, m0: float, c: float, eta: float):
+    """Time for the exact gradient flow ``m' = −η c·W(m)·σ(−m)`` of one logistic sample to reach ``m ≤ m0``.
+
+    ``weight(logp, logp0)`` is the term's gradient weight as a function of the current and starting
+    log-likelihood ``log σ(m)``, ``log σ(m0)`` (e.g. NPO: ``2σ(β(logp − logp0))``, WGA: ``e^{β·logp}``).
+    Separable: ``t(m) = (1/(ηc)) ∫_m^{m0} (1 + e^u)/W(u) du``, by quadrature. Generalises the GA/NPO flows.
+    """
+    lp0 = -np.logaddexp(0.0, -m0)
+
+    def density(u: float) -> float:
+        return (1.0 + np.exp(u)) / weight(-np.logaddexp(0.0, -u), lp0)
+
+    m = np.atleast_1d(np.asarray(m, dtype=float))
+    return np.array([integrate.quad(density, mi, m0, epsabs=1e-12, epsrel=1e-10, limit=200)[0] / (eta * c)
+                     for mi in m])
+
+
+def weighted_flow_margin(weight, t, m0: float, c: float, eta: float):
+    """The exact flow's margin ``m(t)`` for a gradient weight ``weight(logp, logp0)``, by inverting
+    :func:`weighted_flow_time` with brentq."""
+    t = np.atleast_1d(np.asarray(t, dtype=float))
+    out = np.empty_like(t)
+    for i, ti in enumerate(t):
+        if ti <= 0:
+            out[i] = m0
+            continue
+        lo = m0 - 1.0
+        while weighted_flow_time(weight, lo, m0, c, eta)[0] < ti:
+            lo = m0 - 2.0 * (m0 - lo)
+        out[i] = optimize.brentq(lambda m, ti=ti: weighted_flow_time(weight, m, m0, c, eta)[0] - ti, lo, m0,
+                                 xtol=1e-12, rtol=1e-12)
+    return out
