@@ -160,11 +160,8 @@ def npo_flow_time(m, m0: float, c: float, eta: float, beta: float):
     return out
 
 
-def npo_flow_margin(t, m0: float, c: float, eta: float, beta: float):
-    """Exact NPO gradient-flow margin ``m(t)``, by inverting :func:`npo_flow_time` (monotone) with brentq.
-
-    For large t, ``m(t) − m0 ≈ −(1/β)·log t + const`` — the logarithmic law of Lemma 4.
-    """
+def _invert_flow(time_of, t, m0: float):
+    """``m(t)`` for a monotone flow whose time to reach ``m ≤ m0`` is ``time_of(m)``: bracket, then brentq."""
     t = np.atleast_1d(np.asarray(t, dtype=float))
     out = np.empty_like(t)
     for i, ti in enumerate(t):
@@ -172,11 +169,18 @@ def npo_flow_margin(t, m0: float, c: float, eta: float, beta: float):
             out[i] = m0
             continue
         lo = m0 - 1.0
-        while npo_flow_time(lo, m0, c, eta, beta)[0] < ti:
+        while time_of(lo) < ti:
             lo = m0 - 2.0 * (m0 - lo)
-        out[i] = optimize.brentq(lambda m, ti=ti: npo_flow_time(m, m0, c, eta, beta)[0] - ti, lo, m0,
-                                 xtol=1e-12, rtol=1e-12)
+        out[i] = optimize.brentq(lambda m, ti=ti: time_of(m) - ti, lo, m0, xtol=1e-12, rtol=1e-12)
     return out
+
+
+def npo_flow_margin(t, m0: float, c: float, eta: float, beta: float):
+    """Exact NPO gradient-flow margin ``m(t)``, by inverting :func:`npo_flow_time` (monotone) with brentq.
+
+    For large t, ``m(t) − m0 ≈ −(1/β)·log t + const`` — the logarithmic law of Lemma 4.
+    """
+    return _invert_flow(lambda m: npo_flow_time(m, m0, c, eta, beta)[0], t, m0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,15 +226,4 @@ def weighted_flow_time(weight, m, m0: float, c: float, eta: float):
 def weighted_flow_margin(weight, t, m0: float, c: float, eta: float):
     """The exact flow's margin ``m(t)`` for a gradient weight ``weight(logp, logp0)``, by inverting
     :func:`weighted_flow_time` with brentq."""
-    t = np.atleast_1d(np.asarray(t, dtype=float))
-    out = np.empty_like(t)
-    for i, ti in enumerate(t):
-        if ti <= 0:
-            out[i] = m0
-            continue
-        lo = m0 - 1.0
-        while weighted_flow_time(weight, lo, m0, c, eta)[0] < ti:
-            lo = m0 - 2.0 * (m0 - lo)
-        out[i] = optimize.brentq(lambda m, ti=ti: weighted_flow_time(weight, m, m0, c, eta)[0] - ti, lo, m0,
-                                 xtol=1e-12, rtol=1e-12)
-    return out
+    return _invert_flow(lambda m: weighted_flow_time(weight, m, m0, c, eta)[0], t, m0)
