@@ -41,7 +41,7 @@ def _run(model: Path, out: Path, mode: str, args) -> dict:
            "--threads", str(args.threads), "--no-progress", "--collapse-questions", "0", "--cpu"]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    info = json.loads((out / "run.json").read_text())
+    info = {**json.loads((out / "run.json").read_text()), **json.loads((out / "timing.json").read_text())}
     info["wall_seconds"] = time.time() - t0
     import pandas as pd
     info["log"] = pd.read_csv(out / "train_log.csv")

@@ -47,6 +47,7 @@ FORGET_KEYS = ("forget_prob", "forget_rouge", "forget_truth_ratio")
 #: per-sample metrics aggregation needs, per use
 _NEED_FULL = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall")
 _NEED_FQ = ("avg_paraphrased_loss", "average_perturb_loss")
+NEED_FQ = _NEED_FQ  #: the per-sample keys forget quality reads from a retain log
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,11 +212,14 @@ def forget_quality(ckpt: TaskLog, retain: TaskLog) -> tuple[float, float]:
     return p, stat
 
 
-def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", retain_name: str = "retain log") -> dict:
+def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", retain_name: str = "retain log",
+              allow_mismatched: bool = True) -> dict:
     """FQ (when a retain log is given), MU, the 9 MU components and the forget-set statistics.
 
     ``ckpt_log``/``retain_log``: paths or loaded dicts. Raises :class:`UserError` on any malformed or
-    mismatched input; never returns a ``None`` FQ when a retain log was passed.
+    mismatched input; never returns a ``None`` FQ when a retain log was passed. Forget sets of
+    different sizes are compared with a note, or refused when not ``allow_mismatched`` (the CLI's
+    default, ``--allow-mismatched-logs`` to compare anyway).
     """
     ck = load_log(ckpt_log, ckpt_name)
     if not isinstance(ckpt_log, dict):
@@ -229,6 +233,10 @@ def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", r
     if retain_log is not None:
         rt_log = load_log(retain_log, retain_name)
         rt = task_log(rt_log, "forget", _NEED_FQ, retain_name if isinstance(retain_log, dict) else str(retain_log))
+        if rt.n != tasks["forget"].n and not allow_mismatched:
+            raise UserError(f"mismatched logs: {ckpt_name} has {tasks['forget'].n} forget samples, "
+                            f"{retain_name if isinstance(retain_log, dict) else retain_log} has {rt.n}; "
+                            "pass --allow-mismatched-logs to compare them anyway")
         fq, ks = forget_quality(tasks["forget"], rt)
         out["forget_quality"] = fq
         out["ks_statistic"] = ks

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from npo_sim._cliutil import add_debug_flag, guarded
+from npo_sim._cliutil import OneLineParser, add_debug_flag, guarded
 from npo_sim._cliutil import split_commas as comma_list
 from npo_sim.runio import write_json
 
@@ -45,7 +45,11 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=C.DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--prompt-format", choices=tuple(PROMPT_FORMATS), default=None,
                    help="override the model family's prompt format")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (refused when --out holds no run)")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load a local --model that holds only pickle weights (pytorch_model.bin), still with "
+                        "torch's weights_only=True; by default local weights are read from safetensors only")
     p.add_argument("--stop-after-epoch", type=int, default=None,
                    help="stop (as if killed) after checkpointing this epoch; for resume tests")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (benchmarks)")
@@ -85,6 +89,8 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
                    help="greedy answer length for the per-epoch ROUGE (default 128)")
     p.add_argument("--retain-log", default=None,
                    help="retain model's TOFU-format eval log, for forget quality in the per-epoch eval")
+    p.add_argument("--allow-mismatched-logs", action="store_true",
+                   help="per-epoch eval: accept a retain log whose forget set has another sample count")
     _common_arguments(p)
 
 
@@ -99,7 +105,8 @@ def _run_config(command: str, args) -> C.RunConfig:
 
 def _launch(args) -> C.Launch:
     return C.Launch(resume=args.resume, stop_after_epoch=args.stop_after_epoch, max_steps=args.max_steps,
-                    threads=args.threads, cpu=args.cpu, progress=not args.no_progress)
+                    threads=args.threads, cpu=args.cpu, progress=not args.no_progress,
+                    allow_pickle_weights=args.allow_pickle_weights)
 
 
 def finetune_job(args) -> C.TrainJob:
@@ -113,7 +120,8 @@ def unlearn_job(args) -> C.TrainJob:
     ev = None
     if args.eval_every_epoch:
         ev = C.epoch_eval_spec(run, spec, args.retain_log, ds_size=args.eval_ds_size,
-                               batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens)
+                               batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
+                               allow_mismatched_logs=args.allow_mismatched_logs or None)
     return C.TrainJob(run, spec, ev)
 
 
@@ -144,12 +152,20 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="batch size of NLL and generation")
     p.add_argument("--max-new-tokens", type=int, default=128, help="greedy generation length for ROUGE")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--allow-mismatched-logs", action="store_true",
+                   help="accept a --retain-log whose forget set has another sample count than this eval "
+                        "(a note in summary.json instead of an error)")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load a local --model that holds only pickle weights (pytorch_model.bin), still with "
+                        "torch's weights_only=True; by default local weights are read from safetensors only")
 
 
 def eval_job(args) -> C.EvalJob:
     spec = C.EvalSpec(forget_split=args.forget_split, retain_log=args.retain_log, data_dir=args.data_dir,
-                      ds_size=args.ds_size, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device)
+                      ds_size=args.ds_size, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      allow_mismatched_logs=args.allow_mismatched_logs)
+    return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device,
+                     allow_pickle_weights=args.allow_pickle_weights)
 
 
 def eval_main(args) -> int:
@@ -169,12 +185,16 @@ def add_aggregate_arguments(p: argparse.ArgumentParser) -> None:
                    help="eval_log_aggregated.json of the evaluated model (or its directory)")
     p.add_argument("--retain-log", required=True, help="eval_log_aggregated.json of the retain (oracle) model")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
+    p.add_argument("--allow-mismatched-logs", action="store_true",
+                   help="compare forget sets of different sizes (a note instead of an error)")
 
 
 def aggregate_main(args) -> int:
     from .aggregate import aggregate
 
-    result = aggregate(args.ckpt_log, args.retain_log)
+    if args.out:
+        C.check_out_file(args.out)  # before any work
+    result = aggregate(args.ckpt_log, args.retain_log, allow_mismatched=args.allow_mismatched_logs)
     result = {**result, "ckpt_log": str(args.ckpt_log), "retain_log": str(args.retain_log)}
     if args.out:
         write_json(args.out, result)
@@ -273,7 +293,7 @@ COMMANDS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="npo-tofu", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="npo-tofu", description=__doc__.splitlines()[0])  # usage errors: one line too
     add_debug_flag(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add, _) in COMMANDS.items():

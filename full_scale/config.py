@@ -150,6 +150,7 @@ class EvalSpec:
     ds_size: int = 300
     batch_size: int = 16
     max_new_tokens: int = 128
+    allow_mismatched_logs: bool = False  #: retain log with another forget sample count: a note, not an error
 
     def __post_init__(self) -> None:
         _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens"))
@@ -165,6 +166,7 @@ class Launch:
     threads: int | None = None           #: torch threads per process
     cpu: bool = False                    #: CPU even when a GPU is present
     progress: bool = True                #: a tqdm bar on the main process
+    allow_pickle_weights: bool = False   #: load a local pickle-only (pytorch_model.bin) --model
 
 
 @dataclass(frozen=True)
@@ -200,10 +202,24 @@ class EvalJob:
     out: str
     eval: EvalSpec
     device: str | None = None  #: default: cuda if available, else cpu
+    allow_pickle_weights: bool = False  #: load a local pickle-only (pytorch_model.bin) --model
 
     def to_json(self) -> dict:
         return {"command": "eval", "model": self.model, "out": self.out, "device": self.device,
                 **dataclasses.asdict(self.eval)}
+
+
+def check_out_file(path) -> None:
+    """Fail in one line, before any work, unless ``path`` can be written as a file (not a directory,
+    in a writable place); :func:`npo_sim.runio.check_out_dir` checks its directory."""
+    from pathlib import Path
+
+    from npo_sim.runio import check_out_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--out {p} is a directory; give a file name (e.g. {p / 'aggregate.json'})")
+    check_out_dir(p.parent)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from npo_sim.runio import UserError, jsonable, write_csv, write_json
 
 from . import data
-from .aggregate import FORGET_KEYS, UTILITY_KEYS, aggregate, load_retain_log
+from .aggregate import FORGET_KEYS, NEED_FQ, UTILITY_KEYS, aggregate, load_retain_log, task_log
 from .config import EvalJob, EvalSpec
 from .data import encode_qa, get_format, pad_batch
 from .generate import greedy_generate
@@ -197,8 +197,20 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
 
 
 def prepare_eval(spec: EvalSpec) -> tuple[dict | None, tuple]:
-    """``(retain log, eval sets)`` of ``spec``, loaded and validated before any model work."""
-    return load_retain_log(spec.retain_log), eval_sets(spec.forget_split, spec.data_dir, spec.ds_size)
+    """``(retain log, eval sets)`` of ``spec``, loaded and validated before any model work.
+
+    A retain log whose forget set has another sample count than this evaluation's is an error unless
+    ``spec.allow_mismatched_logs`` (then ``summary.json`` carries a note)."""
+    retain = load_retain_log(spec.retain_log)
+    sets = eval_sets(spec.forget_split, spec.data_dir, spec.ds_size)
+    if retain is not None and not spec.allow_mismatched_logs:
+        n_retain = task_log(retain, "forget", NEED_FQ, str(spec.retain_log)).n
+        n = len(sets[0]["eval_log_forget.json"])
+        if n != n_retain:
+            raise UserError(f"mismatched logs: the retain log {spec.retain_log} has {n_retain} forget samples, "
+                            f"this evaluation {n} (--ds-size {spec.ds_size}); pass --allow-mismatched-logs to "
+                            "compare them anyway")
+    return retain, sets
 
 
 def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared=None) -> tuple[dict, dict]:
@@ -222,19 +234,25 @@ def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared=None) -> tuple[dict
 
 def evaluate_checkpoint(job: EvalJob) -> dict:
     """``npo-tofu eval``: every input checked first, then the model evaluated; writes
-    ``eval_log_aggregated.json`` and ``summary.json`` (with the job's config) into ``job.out``."""
+    ``eval_log_aggregated.json``, ``summary.json`` (with the job's config) and ``timing.json`` (the
+    eval's seconds, kept apart so that the same model gives byte-identical results) into ``job.out``."""
+    from npo_sim.runio import check_out_dir
+
     from .models import load_model
 
+    check_out_dir(job.out)
     if job.device and job.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {job.device}: CUDA is not available on this machine")
     prepared = prepare_eval(job.eval)
-    model, tokenizer, fmt = load_model(job.model, device=job.device, data_dir=job.eval.data_dir)
+    model, tokenizer, fmt = load_model(job.model, device=job.device, data_dir=job.eval.data_dir,
+                                       allow_pickle=job.allow_pickle_weights)
     log, summary = run_eval(model, tokenizer, fmt, job.eval, prepared)
     summary["prompt_format"] = fmt
     summary["config"] = jsonable(job.to_json())
     out = Path(job.out)
     write_json(out / "eval_log_aggregated.json", log)
-    write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval_seconds"})
+    write_json(out / "timing.json", {"eval_seconds": summary["eval_seconds"]})
     return summary
 
 

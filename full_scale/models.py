@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from npo_sim.runio import UserError, write_json
+from npo_sim.runio import FILE_MODE, UserError, write_json
 
 from .data import PROMPT_FORMATS, load_split, resolve_data_dir
 
@@ -117,11 +117,43 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if dev is not None and dev.type == "cuda" else torch.float32
 
 
-def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, seed: int = 0):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_local_checkpoint(path, allow_pickle: bool = False) -> None:
+    """Refuse a local model directory that cannot be loaded safely, in one line, before any loading:
+    no tokenizer files, pickle-only weights (unless ``allow_pickle``), or a truncated/corrupt
+    safetensors file (its header and size are checked without reading the tensors)."""
+    d = Path(path)
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer files in {d} ({' / '.join(TOKENIZER_FILES)})")
+    shards = sorted(d.glob("*.safetensors"))
+    if not shards:
+        if any((d / f).is_file() for f in PICKLE_WEIGHTS):
+            if allow_pickle:
+                return
+            raise UserError(f"{d} holds only pickle weights (pytorch_model.bin), which are not loaded: convert "
+                            "them to safetensors, or pass --allow-pickle-weights if you trust their source")
+        raise UserError(f"no model weights in {d} (model.safetensors)")
+    from safetensors import SafetensorError, safe_open
+
+    for f in shards:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{f}: truncated or corrupt safetensors file ({str(exc).strip()})") from None
+
+
+def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, seed: int = 0,
+               allow_pickle: bool = False):
     """``(model, tokenizer, fmt_name)`` for an HF id, a local checkpoint, or ``tiny-llama[:SIZE]``.
 
     The tokenizer always has a pad token (EOS when the model defines none, as TOFU does).
-    ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere.
+    ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere. Weights are loaded from safetensors only
+    (``use_safetensors=True``) unless ``allow_pickle`` (``--allow-pickle-weights``).
     """
     name = str(name_or_path)
     if device is None:
@@ -134,17 +166,31 @@ def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, see
         model, tokenizer = tiny_llama(size, data_dir=data_dir, seed=seed)
         fmt = "plain"
     else:
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name = str(resolve_checkpoint(name))
-        looks_local = os.sep in name or name.startswith(".") or Path(name).exists()
+        # a hub id is "org/name" (one slash); anything existing, absolute, relative (./, ../, ~) or deeper is local
+        looks_local = (Path(name).exists() or name.startswith((os.sep, ".", "~"))
+                       or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
         if looks_local and not Path(name).is_dir():
             raise UserError(f"model directory not found: {name}")
+        if looks_local and (Path(name) / "checkpoints").is_dir() and not (Path(name) / "model").is_dir():
+            raise UserError(f"{name} is a run directory without its final model/ (unfinished: continue it with "
+                            "--resume)")
+        if looks_local:
+            check_local_checkpoint(name, allow_pickle)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not load the tokenizer of {name!r}: {_first_line(exc)}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False,
+                                                         use_safetensors=None if allow_pickle else True)
+        except SafetensorError as exc:
+            raise UserError(f"{name}: truncated or corrupt safetensors weights ({_first_line(exc)})") from None
         except OSError as exc:
-            raise UserError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"could not load model {name!r}: {_first_line(exc)}") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         fmt = guess_format(name, tokenizer)
@@ -154,11 +200,24 @@ def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, see
     return model, tokenizer, fmt
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def fix_permissions(directory) -> None:
+    """safetensors keeps its temporary file's mode (0600): give the weights the usual 0666 & ~umask."""
+    for f in Path(directory).glob("*.safetensors"):
+        os.chmod(f, FILE_MODE)
+
+
 def save_checkpoint(model, tokenizer, out_dir, extra: dict | None = None, *, state_dict=None,
                     is_main_process: bool = True, save_function=None) -> Path:
     """Model + tokenizer via ``save_pretrained`` (safetensors) and ``npo_sim.json`` with ``extra``.
 
     Under FSDP/DeepSpeed pass the gathered ``state_dict`` and the accelerator's ``save`` function.
+    Not atomic by itself: :func:`full_scale.checkpoint.save_model` writes into a temporary sibling
+    directory and renames it into place.
     """
     out = Path(out_dir)
     kw = {"state_dict": state_dict, "is_main_process": is_main_process}
@@ -166,6 +225,7 @@ def save_checkpoint(model, tokenizer, out_dir, extra: dict | None = None, *, sta
         kw["save_function"] = save_function
     model.save_pretrained(out, **kw)
     if is_main_process:
+        fix_permissions(out)
         tokenizer.save_pretrained(out)
         write_json(out / META_FILE, dict(extra or {}))
     return out

@@ -30,7 +30,7 @@ import pandas as pd
 
 from npo_sim.claims import FAILS, HOLDS, NA, PARTLY, Claim, all_any, verdict
 from npo_sim.losses import OBJECTIVES, color, label, methods
-from npo_sim.runio import UserError, save_figure, write_csv, write_json, write_text
+from npo_sim.runio import UserError, check_out_dir, save_figure, write_csv, write_json, write_text
 
 from .data import eval_split
 
@@ -191,6 +191,7 @@ def build_report(run_dirs, out, target_evals=(), mu_fraction: float = 0.9) -> di
         raise UserError("no run directories given")
     if not 0 < mu_fraction <= 1:
         raise UserError(f"--mu-fraction must be in (0, 1], got {mu_fraction}")
+    check_out_dir(out)
     runs = [load_run(d) for d in run_dirs]
     seen = {}
     for r in runs:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from npo_sim.losses import OBJECTIVES, label
-from npo_sim.runio import UserError, write_bytes, write_json, write_text
+from npo_sim.runio import UserError, check_out_dir, write_bytes, write_json, write_text
 
 from .data import retain_of
 from .report import TABLE_COLUMNS, build_report, load_target_evals, table_markdown
@@ -325,7 +325,7 @@ def run_study(cfg: StudyConfig, dry_run: bool = False, report_only: bool = False
         for st in stages:
             print(("[done] " if st.done else "") + shlex.join(st.cmd))
         return 0
-    out = Path(cfg.out)
+    out = check_out_dir(cfg.out)  # before any stage runs
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}

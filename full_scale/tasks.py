@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from npo_sim.losses import nll, npo_weight
-from npo_sim.runio import UserError, write_csv, write_json
+from npo_sim.runio import UserError, write_bytes, write_csv, write_json
 
 from . import data as D
 from .config import FinetuneSpec, TrainJob, UnlearnSpec
@@ -130,9 +130,10 @@ class Reference:
     def save(self, out: Path) -> None:
         """Write the cached values to ``out/ref_cache.safetensors`` (once; a resumed run reloads them)."""
         if self.logps and not (out / REF_CACHE).is_file():
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({k: v.contiguous() for k, v in self.logps.items()}, str(out / REF_CACHE))
+            # atomic, with the usual permissions (safetensors' own save_file leaves 0600)
+            write_bytes(out / REF_CACHE, save({k: v.contiguous() for k, v in self.logps.items()}))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ micro-batch computes, and what happens around the steps, belongs to the task
   ``processes × accumulation`` near-equal parts (an empty part carries weight 0). Each part's loss is
   weighted by its share of the step, so any split gives the same update.
 * **Run dir.** ``config.json`` (the job), ``run.json``, ``train_log.csv`` (one row per optimizer step),
-  ``checkpoints/epoch-K/``, and the final model in ``model/``.
+  ``checkpoints/epoch-K/``, and the final model in ``model/`` (written to ``.model.tmp`` and renamed
+  into place). Timings (seconds, tokens/s, peak RSS) go to ``timing.json`` only, so the same seed gives
+  byte-identical ``config.json``, ``run.json``, ``train_log.csv`` and weights.
+* **Interrupts.** Ctrl-C is one line, ``interrupted at step N; continue with --resume`` (exit 130): what
+  the run leaves (complete checkpoints, an atomically written log) is valid, and ``--resume`` gives
+  the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from npo_sim.runio import NonFiniteLoss, write_csv, write_json
+from npo_sim.runio import NonFiniteLoss, check_out_dir, write_csv, write_json
 
 from . import checkpoint
 from .config import Launch, TrainJob
@@ -107,8 +112,10 @@ def _log_row(acc, stat_names, sums, n_real: int, tokens: int, model, params0) ->
 def run(job: TrainJob, launch: Launch) -> int:
     cfg, command, out = job.run, job.command, Path(job.run.out)
     Task = TASKS[type(job.task)]
-    rows = Task.load(job)  # everything that can fail on bad input, before anything is written
+    # everything that can fail on bad input, before anything is written
+    check_out_dir(out)
     checkpoint.check_run_dir(out, job.to_json(), launch.resume)
+    rows = Task.load(job)
     if launch.threads:
         torch.set_num_threads(launch.threads)
     from accelerate import Accelerator
@@ -121,7 +128,7 @@ def run(job: TrainJob, launch: Launch) -> int:
     acc = Accelerator(cpu=launch.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
     world = acc.num_processes
     model, tokenizer, fmt = load_model(cfg.model, device=acc.device, dtype=DTYPES[cfg.dtype], data_dir=cfg.data_dir,
-                                       seed=cfg.seed)
+                                       seed=cfg.seed, allow_pickle=launch.allow_pickle_weights)
     fmt = cfg.prompt_format or fmt
     task = Task(job, rows, tokenizer, fmt)
     frozen = task.source.frozen_copy(model)
@@ -165,65 +172,77 @@ def run(job: TrainJob, launch: Launch) -> int:
         return {"prompt_format": fmt, "command": command, "method": info["method"], "base_model": cfg.model,
                 "epoch": state.get("epoch"), "step": state.get("step")}
 
-    # ---- the loop
+    # ---- the loop (Ctrl-C: one line naming the step; the run dir stays valid and resumable)
     step = int(state.get("step", 0))
     t_start, tokens_total, stop_reason, collapsed = time.time(), 0, None, False
+    step_seconds: list[float] = []
     bar = tqdm(total=total_steps, initial=step, disable=not launch.progress or not acc.is_main_process,
                desc=command, dynamic_ncols=True)
-    for epoch in range(restored.epoch if restored else 0, cfg.epochs):
-        model.train()
-        for step_ids in epoch_steps(task.n, per_step, cfg.seed, epoch):
-            if launch.max_steps is not None and step >= launch.max_steps:
-                stop_reason = "max_steps"
+    at = step  # the step in progress, for the interrupt message
+    try:
+        for epoch in range(restored.epoch if restored else 0, cfg.epochs):
+            model.train()
+            for step_ids in epoch_steps(task.n, per_step, cfg.seed, epoch):
+                if launch.max_steps is not None and step >= launch.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                at = step + 1
+                t0 = time.time()
+                sums, n_real, tokens = _step(acc, task, model, opt, reference, step_ids, epoch, step, cfg)
+                lr_used = sched.get_last_lr()[0]
+                sched.step()
+                step += 1
+                row = {"step": step, "epoch": epoch + 1, "lr": lr_used,
+                       **_log_row(acc, task.stat_names, sums, n_real, tokens, model, params0)}
+                tokens_total += row["tokens"]
+                collapsed = task.after_step(session, row)
+                step_seconds.append(time.time() - t0)  # timings live in timing.json, not in the results
+                session.log_rows.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                session.write_log()
+                at = step
+                if collapsed and cfg.stop_on_collapse:
+                    stop_reason = "collapse"
+                    break
+            if stop_reason is not None:
                 break
-            t0 = time.time()
-            sums, n_real, tokens = _step(acc, task, model, opt, reference, step_ids, epoch, step, cfg)
-            lr_used = sched.get_last_lr()[0]
-            sched.step()
-            step += 1
-            row = {"step": step, "epoch": epoch + 1, "lr": lr_used,
-                   **_log_row(acc, task.stat_names, sums, n_real, tokens, model, params0)}
-            tokens_total += row["tokens"]
-            collapsed = task.after_step(session, row)
-            row["step_seconds"] = time.time() - t0
-            session.log_rows.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            session.write_log()
+            # ---- end of epoch: the task's checks, then the checkpoint
+            model.eval()
+            collapsed = task.end_epoch(session, epoch + 1)
+            state.update(step=step, epoch=epoch + 1)
+            last = epoch + 1 == cfg.epochs
+            stop_now = launch.stop_after_epoch is not None and epoch + 1 >= launch.stop_after_epoch
+            if (epoch + 1) % cfg.save_every == 0 or last or stop_now:
+                checkpoint.save(acc, model, tokenizer, opt, sched, out, epoch + 1, state, meta(), cfg.keep_checkpoints)
             if collapsed and cfg.stop_on_collapse:
                 stop_reason = "collapse"
                 break
-        if stop_reason is not None:
-            break
-        # ---- end of epoch: the task's checks, then the checkpoint
-        model.eval()
-        collapsed = task.end_epoch(session, epoch + 1)
-        state.update(step=step, epoch=epoch + 1)
-        last = epoch + 1 == cfg.epochs
-        stop_now = launch.stop_after_epoch is not None and epoch + 1 >= launch.stop_after_epoch
-        if (epoch + 1) % cfg.save_every == 0 or last or stop_now:
-            checkpoint.save(acc, model, tokenizer, opt, sched, out, epoch + 1, state, meta(), cfg.keep_checkpoints)
-        if collapsed and cfg.stop_on_collapse:
-            stop_reason = "collapse"
-            break
-        if stop_now and not last:
-            stop_reason = "stop_after_epoch"
-            break
-    bar.close()
+            if stop_now and not last:
+                stop_reason = "stop_after_epoch"
+                break
+        bar.close()
 
-    # ---- final model and run info
-    elapsed = time.time() - t_start
-    if stop_reason != "stop_after_epoch":
-        checkpoint.save_model(acc, model, tokenizer, out / "model", meta())
+        # ---- final model (written to a temporary sibling and renamed into place)
+        elapsed = time.time() - t_start
+        if stop_reason != "stop_after_epoch":
+            checkpoint.save_model(acc, model, tokenizer, out / "model", meta())
+    except KeyboardInterrupt:
+        bar.close()
+        raise KeyboardInterrupt(f"interrupted at step {at}; continue with --resume") from None
+
+    # ---- run info (deterministic: the same seed gives the same run.json) and timing.json
     if acc.is_main_process:
         info.update(steps_done=step, stopped=stop_reason, collapsed=collapsed,
                     ever_collapsed=bool(state.get("ever_collapsed")),
                     first_collapse_step=next((r["step"] for r in session.log_rows if r.get("collapse") == 1), None),
-                    degenerate_frac0=state.get("degenerate_frac0"), train_seconds=elapsed,
-                    tokens=tokens_total, tokens_per_second=tokens_total / elapsed if elapsed > 0 else None,
-                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    retain_nll0=state["retain_nll0"], ref_cache_seconds=state.get("ref_cache_seconds"))
+                    degenerate_frac0=state.get("degenerate_frac0"), retain_nll0=state["retain_nll0"])
+        timing = {"train_seconds": elapsed, "tokens": tokens_total,
+                  "tokens_per_second": tokens_total / elapsed if elapsed > 0 else None,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "ref_cache_seconds": state.get("ref_cache_seconds"), "step_seconds": step_seconds}
         write_csv(out / "train_log.csv", session.log_rows)
+        write_json(out / "timing.json", timing)
         write_json(out / "run.json", info)
         print(f"[{command}] done: {step} steps in {elapsed:.1f}s"
               + (f" (stopped: {stop_reason})" if stop_reason else "") + f" -> {out}", flush=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+#: the mode results get (what a plain ``open`` would give under this umask; mkstemp and safetensors give 0600)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 class UserError(Exception):
@@ -44,7 +46,8 @@ def check_out_dir(path) -> Path:
     try:  # the only reliable test (root passes os.access everywhere): make and remove a directory there
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".npo-write-test."))
     except OSError as exc:
-        raise UserError(f"output location {p} is not writable ({parent}: {exc.strerror or exc})") from exc
+        raise UserError(f"output location {p} is not writable: cannot create anything in {parent} "
+                        f"({exc.strerror or exc})") from exc
     return p
 
 
@@ -55,7 +58,7 @@ def _atomic(path: Path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; give results the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -38,3 +38,15 @@ def _threads():
     # 2-core machines: oversubscription slows everything 4-8x
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tofu_data_dir, tmp_path_factory) -> Path:
+    """A freshly initialised 1M tiny-llama saved as a checkpoint (built once per session, never trained)."""
+    from full_scale.models import load_model, save_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    model, tok, fmt = load_model("tiny-llama:1m", device="cpu", data_dir=tofu_data_dir, seed=0)
+    save_checkpoint(model, tok, d, {"prompt_format": fmt})
+    return d
+
