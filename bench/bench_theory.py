@@ -1,9 +1,12 @@
 """Benchmark: the full default Theorem-2 grid (>= 100 configs x 10^5 GD steps) vs a naive per-config loop.
 
-    .venv/bin/python bench/bench_theory.py [--steps 100000] [--workers 2] [--out bench/results/theory.json]
+    .venv/bin/python bench/bench_theory.py [--steps 100000] [--workers 1] [--before PATH] [--out PATH]
 
-The batched run is what ``npo-sim theory`` does (one batched tensor program per method, reduced to the
-span of the forget features; ``--workers 2`` puts the GA and NPO programs on one core each). The naive
+The batched run is what ``npo-sim theory`` does (``--workers 1``: every method in one batched tensor
+program, reduced to the span of the forget features, gradients through the closed-form chain rule;
+``--workers 2``: one program per method, on one core each). ``--before PATH`` times the same grid with
+an older checkout (its ``npo_sim`` first on the path, in a subprocess, one worker) for a before/after
+pair; both are process CPU seconds as well as wall seconds. The naive
 baseline runs :func:`npo_sim.unlearn.run` once per config on the full d-dimensional θ; it is timed on a
 stratified subset for ``--naive-steps`` steps and extrapolated linearly to every config x ``--steps``
 (GD cost per step is constant in t). A "per-config, reduced" loop separates the gain from batching from
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,10 +55,30 @@ def _per_config(subset, cfg, steps: int, full: bool) -> list[dict]:
     return out
 
 
+#: run by ``--before`` in a subprocess: the grid's CPU and wall seconds with whichever npo_sim is first on the path
+_TIME_GRID = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from npo_sim.settings.logistic import TheoryConfig, simulate_grid
+c0, w0 = time.process_time(), time.perf_counter()
+traj, _, timing = simulate_grid(TheoryConfig(steps=int(sys.argv[1]), workers=1))
+print(json.dumps({"cpu_seconds": time.process_time() - c0, "wall_seconds": time.perf_counter() - w0,
+                  "gd_programs": timing, "rows": len(traj)}))
+"""
+
+
+def time_before(path: str, steps: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _TIME_GRID, str(steps)], env=env, check=True,
+                         capture_output=True, text=True, cwd=path).stdout
+    return {"checkout": path, **json.loads(out.strip().splitlines()[-1])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--before", default=None, help="older checkout to time on the same grid (one worker)")
     p.add_argument("--naive-steps", type=int, default=2000)
     p.add_argument("--naive-configs", type=int, default=6)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "theory.json"))
@@ -68,11 +93,14 @@ def main(argv=None) -> int:
     print(f"grid: {n_configs} configs ({n_grid} grid + {n_configs - n_grid} flow-check) x {args.steps} steps, "
           f"methods {cfg.methods}, workers {args.workers}")
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     traj, _, timing = simulate_grid(cfg, progress=print)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     gd = sum(v["seconds"] for v in timing.values())
-    print(f"batched: {wall:.1f}s wall ({gd:.1f}s summed over the {len(timing)} GD programs)")
+    print(f"batched: {wall:.1f}s wall, {cpu:.1f}s CPU in this process ({gd:.1f}s CPU in the {len(timing)} GD programs)")
+    before = time_before(args.before, args.steps) if args.before else None
+    if before:
+        print(f"before ({args.before}): {before['wall_seconds']:.1f}s wall, {before['cpu_seconds']:.1f}s CPU")
 
     rng = np.random.default_rng(0)
     grid = [r for r in runs if r.role == "grid"]
@@ -94,11 +122,14 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpu_count": os.cpu_count(),
                     "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                    "torch_threads_per_process": 1, "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg()},
+                    "torch_threads_per_process": 1, "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
+                    "note": "shared machine (2 cores, other jobs running); before and after ran in the same "
+                            "session, CPU seconds are the fairer comparison (gd_programs seconds are CPU "
+                            "seconds after, wall seconds before)"},
         "grid": {"configs": n_configs, "grid_configs": n_grid, "steps": args.steps, "methods": list(cfg.methods),
                  "record_points": cfg.record_points, "n_fs": cfg.n_fs, "ds": cfg.ds, "etas": cfg.etas,
                  "betas": cfg.betas, "beta_sweep": cfg.beta_sweep, "n_seeds": cfg.n_seeds},
-        "batched": {"workers": args.workers, "wall_seconds": wall, "gd_programs": timing,
+        "batched": {"workers": args.workers, "wall_seconds": wall, "cpu_seconds": cpu, "gd_programs": timing,
                     "configs_per_s": n_configs / wall, "config_steps_per_s": n_configs * args.steps / wall,
                     "gd_iterations_per_s": len(timing) * args.steps / wall,
                     "includes": "data generation, all GD programs, and tidying into tables (not analysis/figures)",
@@ -112,6 +143,8 @@ def main(argv=None) -> int:
         "per_config_reduced": {"what": "same loop on the exact reduced parameters (batching gain only)",
                                "timed": reduced, "mean_per_step_s": reduced_step,
                                "extrapolated_seconds": reduced_total},
+        "before": before,
+        "speedup_vs_before_cpu": before["cpu_seconds"] / cpu if before else None,
         "speedup_vs_naive": naive_total / wall,
         "speedup_vs_per_config_reduced": reduced_total / wall,
         "goal": "full default grid (>= 100 configs x 1e5 steps) under 60 s on 2 cores",

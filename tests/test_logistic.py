@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from npo_sim import cli, theory
+from npo_sim import cli, losses, theory
 from npo_sim.plots.theory import FIGURES
 from npo_sim.runio import UserError
-from npo_sim.settings.logistic import Run, TheoryConfig, _tidy, expand_grid, simulate_group
-from npo_sim.settings.logistic_data import make_data
-from npo_sim.unlearn import log_steps
+from npo_sim.settings.logistic import Run, TheoryConfig, _tidy, expand_grid, simulate_batch, simulate_group
+from npo_sim.settings.logistic_data import LogisticAdapter, make_data
+from npo_sim.unlearn import THETA_INPUTS, log_steps, reference_inputs, run
 
 
 def _cli(argv):
@@ -185,7 +185,7 @@ def test_reduced_padded_batch_equals_full_dimensional_gd(method):
     data = {(r.n_f, r.d, r.seed): make_data(r.n_f, r.d, r.seed, cfg, keep_features=True) for r in runs}
     steps, rec = 300, log_steps(300, 12)
     batched = simulate_group(method, runs, data, steps, rec)
-    traj, _ = _tidy(method, runs, data, batched, cfg)
+    traj, _ = _tidy(runs, data, batched, cfg)
     for r in runs:
         key = (r.n_f, r.d, r.seed)
         single = simulate_group(method, [dataclasses.replace(r, config_id=0)], data, steps, rec,
@@ -200,6 +200,83 @@ def test_reduced_padded_batch_equals_full_dimensional_gd(method):
         assert np.allclose(mine.forget_loss.to_numpy(), single["forget_loss"], rtol=1e-10, atol=1e-12)
         if "npo_weight" in single:
             assert np.allclose(mine.npo_weight.to_numpy(), single["npo_weight"], rtol=1e-10)
+
+
+class _AutogradOnly:
+    """The adapter without its closed-form ``vjp``: :func:`npo_sim.unlearn.run` then differentiates the
+    model with autograd (the reference path)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def inputs(self, params, keys):
+        return self.adapter.inputs(params, keys)
+
+    def metrics(self, params):
+        return self.adapter.metrics(params)
+
+
+def _adapter_and_point(seed=0, D=3, R=4, k=6, n=5):
+    g = torch.Generator().manual_seed(seed)
+    Bt = torch.randn(D, k, n, generator=g, dtype=torch.float64)
+    m0 = torch.rand(D, 1, n, generator=g, dtype=torch.float64) * 3 - 1
+    z = 0.5 * torch.randn(D, R, k, generator=g, dtype=torch.float64)
+    return LogisticAdapter(Bt, m0), z
+
+
+@pytest.mark.parametrize("method", ["ga", "npo", "simnpo", "dpo"])
+def test_vjp_gradient_equals_autograd(method):
+    """The closed-form chain rule Bᵀ(c ⊙ ·) gives autograd's gradient of the registry loss (float64)."""
+    torch.set_num_threads(1)
+    adapter, z = _adapter_and_point()
+    obj = losses.get_objective(method, beta=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[:, None]
+                               .expand(3, 4)) if losses.OBJECTIVES[method].uses_beta else losses.get_objective(method)
+    ref = reference_inputs(adapter, obj, [torch.zeros_like(z)])
+    zz = z.clone().requires_grad_(True)
+    keys = frozenset(obj.needs - set(ref))
+    (auto,) = torch.autograd.grad(obj({**adapter.inputs([zz], keys), **ref}).loss.sum(), zz)
+    with torch.no_grad():
+        got = adapter.inputs([z], keys)
+    leaves = {k: v.requires_grad_(k in THETA_INPUTS) for k, v in got.items()}
+    theta = [k for k in leaves if leaves[k].requires_grad]
+    cot = torch.autograd.grad(obj({**leaves, **ref}).loss.sum(), [leaves[k] for k in theta])
+    (closed,) = adapter.vjp([z], {k: leaves[k].detach() for k in theta}, dict(zip(theta, cot)))
+    assert torch.allclose(closed, auto, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["ga", "npo", "dpo"])
+def test_vjp_trajectories_equal_autograd_reference(method):
+    """A short unlearn.run with the closed-form vjp equals the autograd reference run, every record."""
+    torch.set_num_threads(1)          # tiny tensors: a second thread only adds synchronisation
+    adapter, z = _adapter_and_point(seed=1)
+    obj = losses.get_objective(method)
+    rec = log_steps(100, 10)
+    fast = run(adapter, obj, [z], steps=100, lr=0.5, record_at=rec, params_ref=[torch.zeros_like(z)])
+    slow = run(_AutogradOnly(adapter), obj, [z], steps=100, lr=0.5, record_at=rec, params_ref=[torch.zeros_like(z)])
+    assert set(fast) == set(slow)
+    for col in fast:
+        assert np.allclose(fast[col], slow[col], rtol=1e-9, atol=1e-12), col
+
+
+def test_one_program_for_all_methods_equals_one_per_method():
+    """Every method in one batched program (each registry objective on its own slots) gives each
+    config the trajectory of its own method's program."""
+    torch.set_num_threads(1)
+    cfg = TheoryConfig(n_fs=(3, 5), ds=(7,), n_seeds=1, etas=(0.5, 1.0), betas=(1.0, 2.0), beta_sweep=(1.0,),
+                       base_n_f=5, base_d=7, base_eta=1.0, theta_norm=30.0, methods=("ga", "npo", "dpo"))
+    runs = expand_grid(cfg)
+    data = {(r.n_f, r.d, r.seed): make_data(r.n_f, r.d, r.seed, cfg) for r in runs}
+    rec = log_steps(200, 10)
+    together = simulate_batch(runs, data, 200, rec)
+    for method in cfg.methods:
+        alone = simulate_group(method, [r for r in runs if r.method == method], data, 200, rec)
+        sel = np.isin(together["config_id"], alone["config_id"])
+        order = np.lexsort((together["step"][sel], together["config_id"][sel]))
+        order_alone = np.lexsort((alone["step"], alone["config_id"]))
+        for col in ("dist_xtx", "dist_l2", "b0", "loss"):
+            assert np.allclose(together[col][sel][order], alone[col][order_alone], rtol=1e-12, atol=1e-12), col
+    with pytest.raises(ValueError, match="other methods"):
+        simulate_group("ga", runs, data, 10, [10])
 
 
 def test_ga_matches_closed_form_gradient_in_numpy():

@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-orthogonality", action="store_true",
                    help="error unless every n_f <= d and C0 = n_f*max|<x_i,x_j>| <= --max-c0")
     p.add_argument("--max-c0", type=float, default=None)
-    p.add_argument("--workers", type=int, default=1, help="processes: one method's batched program each (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes: 1 (default) trains every method in one batched program; "
+                        "more: one program per method, each on its own process")
     p.add_argument("--figures", default="figures", help="also copy figures here ('' to skip; default figures/)")
 
 

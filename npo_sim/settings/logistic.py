@@ -13,9 +13,13 @@ by ``−η Q Q^T ∇_θ L = −η ∇_θ L``, so GD on ``z`` *is* GD on θ. The 
 ``‖θ_t − θ_init‖₂ = ‖z‖``, ``‖θ_t − θ_init‖_{XᵀX} = ‖A(θ_t − θ_init)‖ = ‖b‖`` with logit shifts
 ``b = L z``. The tests check this against GD on the full ``d``-dimensional θ.
 
-**Batching.** A grid of configs runs as one tensor program per method through
-:func:`npo_sim.unlearn.run`: configs are grouped by dataset ``(n_f, d, seed)`` into slots and the
-parameters have shape ``(slots, replicas, k_max)``, so the forward pass is one batched matrix product.
+**Batching.** The whole grid, every method, runs as one tensor program through
+:func:`npo_sim.unlearn.run` (:func:`simulate_batch`): configs are grouped by method and dataset
+``(n_f, d, seed)`` into slots and the parameters have shape ``(slots, replicas, k_max)``, so the forward
+pass is one batched matrix product; each method's registry objective applies to its own slots
+(:class:`SlicedObjective`). The model is linear in ``z``, so the adapter's closed-form ``vjp``
+(``∂L/∂z = c Bᵀ``) replaces autograd through the model: autograd only sees the loss over the
+per-example log-likelihoods (the autograd path stays the reference the tests compare against).
 Smaller ``n_f`` are zero-padded to ``n_max``; padded samples have zero features, hence constant
 ``logp`` and zero gradient, and each replica's step is scaled by ``n_max/n_f`` so that the mean over
 ``n_max`` entries gives exactly the gradient of the mean over its ``n_f`` samples. Recorded losses are
@@ -35,7 +39,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +46,6 @@ from .. import losses
 from ..runio import UserError
 from ..study import Results, Study
 from ..unlearn import log_steps, run
-from . import logistic_analysis as analysis
 from .logistic_claims import describe, findings
 from .logistic_data import LogisticAdapter, make_data
 
@@ -86,8 +88,9 @@ class TheoryConfig:
     check_orthogonality: bool = False                    # require n_f <= d and C0 <= max_c0
     max_c0: float = 8.0
     quick: bool = False
-    #: processes, one method's batched program each. How the grid runs, not what it computes (results
-    #: are identical for any value), so it is left out of the summary.
+    #: processes: 1 runs every method in one batched program; more run one program per method, each
+    #: on its own process. How the grid runs, not what it computes (results agree to float rounding,
+    #: ~1e-13), so it is left out of the summary.
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -181,6 +184,12 @@ class Run:
     role: str = "grid"     # "grid" or "flow" (the single-sample flow check)
 
 
+def _flow_oracles() -> dict:
+    from .logistic_analysis import FLOW_ORACLES  # imported when needed: pandas and scipy are heavy
+
+    return FLOW_ORACLES
+
+
 def expand_grid(cfg: TheoryConfig) -> list[Run]:
     """Every config: the main grid, the β sweep at the base point, and one single-sample flow check per
     method whose forget term has an exact flow (:data:`~.logistic_analysis.FLOW_ORACLES`)."""
@@ -205,7 +214,7 @@ def expand_grid(cfg: TheoryConfig) -> list[Run]:
                 for beta in cfg.beta_sweep:
                     add(method, beta, cfg.base_eta, cfg.base_n_f, cfg.base_d, seed)
         # single-sample check of the exact gradient flow (n_f = 1, small step so GD ≈ flow)
-        if losses.OBJECTIVES[method].forget in analysis.FLOW_ORACLES:
+        if losses.OBJECTIVES[method].forget in _flow_oracles():
             add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
     return runs
 
@@ -214,48 +223,101 @@ def _objective(method: str, beta) -> losses.Objective:
     return losses.get_objective(method, beta=beta) if _uses_beta(method) else losses.get_objective(method)
 
 
-def simulate_group(method: str, runs: list[Run], data: dict, steps: int, record_at: list[int],
-                   full_dim: dict | None = None, cap: int | None = None) -> dict[str, np.ndarray]:
-    """Run every config of one method in one batched :func:`npo_sim.unlearn.run` call.
+@dataclass(frozen=True)
+class SlicedObjective:
+    """Several registry objectives in one program: ``parts[i] = (objective, a, b)`` owns slots ``a:b``.
 
-    ``data`` maps ``(n_f, d, seed)`` to :class:`ForgetData`. ``full_dim`` (tests, naive baseline) maps the
-    same keys to the full label-signed ``(n_f, d)`` feature matrix, to run on θ − θ_init itself.
-    ``cap`` (default: chosen to minimise padded work) is the most configs sharing one dataset slot.
-    Returns run's column dict with an extra ``config_id`` column (dummy replicas dropped).
+    Each objective is the library's own, applied to its slice of every input (replica axis 0); the loss
+    terms are concatenated back, so summing them gives every replica the gradient of its own method.
+    ``beta`` (per replica, 1 where unused) is only read when the loop records the NPO weight.
     """
-    keys = sorted({(r.n_f, r.d, r.seed) for r in runs})
-    per = {k: [r for r in runs if (r.n_f, r.d, r.seed) == k] for k in keys}
-    # one slot = one dataset and up to `cap` of its configs. cap minimises the padded work, about
-    # slots × (cap + 8): each slot also reads its (k × n) features, worth ~8 replicas of elementwise work
+
+    parts: tuple[tuple[losses.Objective, int, int], ...]
+    beta: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return "+".join(o.name for o, _, _ in self.parts)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(o.needs for o, _, _ in self.parts))
+
+    def __call__(self, inputs) -> losses.LossTerms:
+        terms = [o({k: inputs[k][a:b] for k in o.needs}) for o, a, b in self.parts]
+        return losses.LossTerms(*(torch.cat(t) for t in zip(*terms)))
+
+
+def _slots(runs: list[Run], cap: int | None) -> tuple[list, int]:
+    """Group configs by (method, dataset) into slots of at most ``cap`` configs, methods contiguous.
+
+    ``cap`` (default: chosen to minimise padded work) is the most configs sharing one dataset slot:
+    the padded work is about slots × (cap + 8), as each slot also reads its (k × n) features, worth
+    ~8 replicas of elementwise work.
+    """
+    order = {m: i for i, m in enumerate(dict.fromkeys(r.method for r in runs))}
+    keys = sorted({(r.method, r.n_f, r.d, r.seed) for r in runs}, key=lambda k: (order[k[0]], *k[1:]))
+    per = {k: [r for r in runs if (r.method, r.n_f, r.d, r.seed) == k] for k in keys}
     cap = cap or min(range(1, max(map(len, per.values())) + 1),
                      key=lambda c: (c + 8) * sum(-(-len(g) // c) for g in per.values()))
-    slots = [(k, g[i: i + cap]) for k, g in per.items() for i in range(0, len(g), cap)]
-    D, Rm = len(slots), cap
-    n_max = max(k[0] for k in keys)
-    feats = {k: (full_dim[k] if full_dim is not None else data[k].B) for k in keys}
+    return [(k, g[i: i + cap]) for k, g in per.items() for i in range(0, len(g), cap)], cap
+
+
+def simulate_batch(runs: list[Run], data: dict, steps: int, record_at: list[int],
+                   full_dim: dict | None = None, cap: int | None = None) -> dict[str, np.ndarray]:
+    """Run every config of ``runs`` (any mix of methods) in one batched :func:`npo_sim.unlearn.run` call.
+
+    ``data`` maps ``(n_f, d, seed)`` to :class:`ForgetData`. ``full_dim`` (tests, naive baseline) maps the
+    same keys to the full label-signed ``(n_f, d)`` feature matrix, to run on θ − θ_init itself (through
+    the same closed-form chain rule). Slots are grouped by method; each method's registry objective
+    applies to its own slots (:class:`SlicedObjective`). Returns run's column dict with an extra
+    ``config_id`` column (dummy replicas dropped).
+    """
+    slots, Rm = _slots(runs, cap)
+    D = len(slots)
+    n_max = max(r.n_f for r in runs)
+    feats = {k: (full_dim[k] if full_dim is not None else data[k].B) for k in {(r.n_f, r.d, r.seed) for r in runs}}
     k_max = max(f.shape[1] for f in feats.values())
     Bt = torch.zeros(D, k_max, n_max, dtype=DTYPE)
     m0 = torch.zeros(D, 1, n_max, dtype=DTYPE)
     lr = torch.zeros(D, Rm, dtype=DTYPE)                      # dummy replicas: lr = 0
     beta = torch.ones(D, Rm, dtype=DTYPE)
     ids = np.full((D, Rm), -1)
-    for i, (k, group) in enumerate(slots):
-        f = torch.as_tensor(feats[k], dtype=DTYPE)
+    bounds: dict[str, list[int]] = {}
+    for i, ((method, *key), group) in enumerate(slots):
+        key = tuple(key)
+        f = torch.as_tensor(feats[key], dtype=DTYPE)
         Bt[i, : f.shape[1], : f.shape[0]] = f.T
-        m0[i, 0, : k[0]] = torch.as_tensor(data[k].m0, dtype=DTYPE)
+        m0[i, 0, : key[0]] = torch.as_tensor(data[key].m0, dtype=DTYPE)
+        bounds.setdefault(method, [i, i])[1] = i + 1
         for j, r in enumerate(group):
             lr[i, j] = r.eta * n_max / r.n_f                   # padding correction (see module doc)
             beta[i, j] = r.beta if _uses_beta(method) else 1.0
             ids[i, j] = r.config_id
-    out = run(LogisticAdapter(Bt, m0), _objective(method, beta), [torch.zeros(D, Rm, k_max, dtype=DTYPE)],
+    if len(bounds) == 1:
+        objective = _objective(next(iter(bounds)), beta)
+    else:
+        objective = SlicedObjective(tuple((_objective(m, beta[a:b]), a, b) for m, (a, b) in bounds.items()), beta)
+    out = run(LogisticAdapter(Bt, m0), objective, [torch.zeros(D, Rm, k_max, dtype=DTYPE)],
               steps=steps, lr=lr, record_at=record_at)
     out["config_id"] = ids.reshape(-1)[out["replica"]]
     keep = out["config_id"] >= 0
     return {k: v[keep] for k, v in out.items()}
 
 
-def _tidy(method: str, runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig):
-    """Per-(config, step) rows and per-(config, step, sample) shifts; losses recomputed on valid samples."""
+def simulate_group(method: str, runs: list[Run], data: dict, steps: int, record_at: list[int],
+                   full_dim: dict | None = None, cap: int | None = None) -> dict[str, np.ndarray]:
+    """:func:`simulate_batch` for the configs of one method (``runs`` must all be ``method``'s)."""
+    if any(r.method != method for r in runs):
+        raise ValueError(f"simulate_group({method!r}) got configs of other methods")
+    return simulate_batch(runs, data, steps, record_at, full_dim, cap)
+
+
+def _tidy(runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig):
+    """Per-(config, step) rows and per-(config, step, sample) shifts, in config order; losses recomputed
+    on the valid samples with each config's own objective."""
+    import pandas as pd
+
     by_id = {r.config_id: r for r in runs}
     traj, shifts = [], []
     for cid in np.unique(raw["config_id"]):
@@ -268,8 +330,8 @@ def _tidy(method: str, runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig
         m_ref = torch.as_tensor(dat.m0, dtype=DTYPE).expand_as(m)
         inputs = {"logp": F.logsigmoid(m), "logp_ref": F.logsigmoid(m_ref), "idk_logp": F.logsigmoid(-m),
                   "idk_logp_ref": F.logsigmoid(-m_ref), "length": torch.ones_like(m)}
-        forget = _objective(method, r.beta)(inputs).forget.numpy()
-        w = (losses.npo_weight(inputs["logp"], inputs["logp_ref"], r.beta).mean(-1).numpy() if _uses_beta(method)
+        forget = _objective(r.method, r.beta)(inputs).forget.numpy()
+        w = (losses.npo_weight(inputs["logp"], inputs["logp_ref"], r.beta).mean(-1).numpy() if _uses_beta(r.method)
              else np.full(len(steps), np.nan))
         ab = np.abs(b)
         traj.append(pd.DataFrame({
@@ -289,20 +351,20 @@ def _tidy(method: str, runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig
     return pd.concat(traj, ignore_index=True), pd.concat(shifts, ignore_index=True)
 
 
-def _group_worker(method, group, data, steps, record):
-    """Run one method's group (in this process or a worker process); returns (raw columns, seconds)."""
+def _group_worker(methods, group, data, steps, record):
+    """Run one batched program (in this process or a worker process); returns (raw columns, seconds)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # tiny tensors: extra threads only add synchronisation
     try:
-        t0 = time.perf_counter()
-        raw = simulate_group(method, group, data, steps, record)
-        return raw, time.perf_counter() - t0
+        t0 = time.process_time()
+        raw = simulate_batch(group, data, steps, record)
+        return raw, time.process_time() - t0
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_groups(jobs: dict, workers: int) -> dict:
-    """``{method: (raw, seconds)}``; ``workers > 1`` runs the methods' programs in parallel processes."""
+    """``{name: (raw, seconds)}``; ``workers > 1`` runs the programs in parallel processes."""
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -313,12 +375,14 @@ def _run_groups(jobs: dict, workers: int) -> dict:
     return {m: _group_worker(*job) for m, job in jobs.items()}
 
 
-def simulate_grid(cfg: TheoryConfig, progress=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Draw the data and run the whole grid, one batched program per method (on ``cfg.workers``
-    processes; results are identical either way) -> (trajectories, logit shifts, per-method timing).
+def simulate_grid(cfg: TheoryConfig, progress=None) -> tuple:
+    """Draw the data and run the whole grid -> (trajectories, logit shifts, per-program timing).
 
-    ``progress`` (e.g. ``print``) receives one line per method.
+    With ``cfg.workers == 1`` every method trains in one batched program; with more, one program per
+    method on its own process. Results are the same either way (to float rounding: ~1e-13).
+    ``progress`` (e.g. ``print``) receives one line per program. Timing is process CPU seconds.
     """
+
     runs = expand_grid(cfg)
     data = {}
     for r in runs:
@@ -326,17 +390,20 @@ def simulate_grid(cfg: TheoryConfig, progress=None) -> tuple[pd.DataFrame, pd.Da
         if key not in data:
             data[key] = make_data(*key, cfg)
     record = log_steps(cfg.steps, cfg.record_points)
-    groups = {m: [r for r in runs if r.method == m] for m in cfg.methods}
+    if cfg.workers > 1 and len(cfg.methods) > 1:
+        groups = {m: [r for r in runs if r.method == m] for m in cfg.methods}
+    else:
+        groups = {"+".join(cfg.methods): runs}
     results = _run_groups({m: (m, g, data, cfg.steps, record) for m, g in groups.items()}, cfg.workers)
-    trajs, shifts, timing = [], [], {}
-    for method, (raw, seconds) in results.items():
-        timing[method] = {"configs": len(groups[method]), "seconds": seconds}
+    raws, timing = [], {}
+    for name, (raw, seconds) in results.items():
+        timing[name] = {"configs": len(groups[name]), "seconds": seconds}
         if progress:
-            progress(f"  {method}: {len(groups[method])} configs x {cfg.steps} steps in {seconds:.1f}s")
-        t, s = _tidy(method, groups[method], data, raw, cfg)
-        trajs.append(t)
-        shifts.append(s)
-    return pd.concat(trajs, ignore_index=True), pd.concat(shifts, ignore_index=True), timing
+            progress(f"  {name}: {len(groups[name])} configs x {cfg.steps} steps in {seconds:.1f}s")
+        raws.append(raw)
+    raw = {k: np.concatenate([r[k] for r in raws]) for k in raws[0]}
+    traj, shifts = _tidy(runs, data, raw, cfg)
+    return traj, shifts, timing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,7 +413,9 @@ def simulate(cfg: TheoryConfig, progress: bool = False) -> Results:
     """Run the grid and analyse it: tables ``trajectories``, ``logit_shifts``, ``fits`` and ``overlays``,
     and the summary (fits, scaling checks, envelopes, steps-to-reach, β sweep, flow check, config)."""
     traj, shifts, _ = simulate_grid(cfg, print if progress else None)
-    summary, fits, overlays = analysis.analyze(traj, shifts, cfg)
+    from .logistic_analysis import analyze
+
+    summary, fits, overlays = analyze(traj, shifts, cfg)
     return Results({"trajectories": traj, "logit_shifts": shifts, "fits": fits, "overlays": overlays}, summary)
 
 
