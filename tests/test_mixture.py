@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from npo_sim import claims as C
-from npo_sim import cli
+from npo_sim import cli, losses, unlearn
 from npo_sim.metrics import mean_kl
 from npo_sim.runio import UserError
 from npo_sim.settings import mixture as mx
 from npo_sim.settings import mixture_adapter as ad
 from npo_sim.settings import mixture_analysis as analysis
-from npo_sim.settings.mixture_pretrain import pretrain_gd, pretrain_newton
+from npo_sim.settings.mixture_pretrain import _newton_step, _problem, pretrain_gd, pretrain_newton
 from npo_sim.study import run_study
 
 
@@ -60,6 +60,92 @@ def test_gd_recipe_descends_towards_newton_and_float32_is_faithful(small):
     gap = np.linalg.norm(th64 - theta, axis=1)
     rounding = np.linalg.norm(th32 - th64, axis=1)
     assert np.all(rounding < 1e-3 * gap)
+
+
+def test_newton_gram_hessian_equals_the_broadcast_hessian(small):
+    """The weighted Gram Hessian ΦᵀDΦ (one matmul per model) equals the elementwise-broadcast one."""
+    _, data, theta, _ = small
+    phi, y, w = _problem(data)
+    phiT = np.ascontiguousarray(np.swapaxes(phi, 1, 2))
+    th = 0.3 * theta + 0.01
+    z = phi @ th
+    g = np.random.default_rng(0).normal(size=th.shape)
+    p = 0.5 * (1.0 + np.tanh(0.5 * z))   # σ(z), without overflow
+    curv = w * p * (1.0 - p)
+    H = (phiT[:, None] * np.swapaxes(curv, 1, 2)[:, :, None, :]) @ phi[:, None]     # the old broadcast form
+    want = np.swapaxes(np.linalg.solve(H, np.swapaxes(g, 1, 2)[..., None])[..., 0], 1, 2)
+    np.testing.assert_allclose(_newton_step(phi, phiT, w, z, g), want, rtol=1e-9, atol=1e-12)
+
+
+def _grad(adapter, objective, theta, theta_ref):
+    """One gradient of objective.loss.sum() through unlearn.run's machinery (closed form or autograd)."""
+    ref = unlearn.reference_inputs(adapter, objective, [theta_ref])
+    needs = frozenset(objective.needs - set(ref))
+    th = theta.clone().requires_grad_(True)
+    if adapter.vjp is None:
+        total = objective({**adapter.inputs([th], needs), **ref}).loss.sum()
+        return torch.autograd.grad(total, [th])[0]
+    with torch.no_grad():
+        got = adapter.inputs([th], needs)
+    x = {k: v.requires_grad_(k in unlearn.THETA_INPUTS) for k, v in got.items()}
+    keys = [k for k in x if x[k].requires_grad]
+    cot = torch.autograd.grad(objective({**x, **ref}).loss.sum(), [x[k] for k in keys])
+    return adapter.vjp([th], {k: x[k].detach() for k in keys}, dict(zip(keys, cot)))[0]
+
+
+@pytest.mark.parametrize("method", mx.METHODS)
+def test_closed_form_gradient_equals_autograd(small, method):
+    """Float64: Φᵀ(c ⊙ ∂input/∂z) equals autograd through the model, for every synthetic method."""
+    _, data, theta, _ = small
+    closed = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
+    auto = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64, closed_form=False)
+    assert auto.vjp is None and closed.vjp is not None
+    spec = mx.HYPERPARAMETERS[1.0][method]
+    obj = losses.get_objective(spec.objective, **({"beta": spec.beta} if spec.beta is not None else {}))
+    th_ref = torch.tensor(theta[..., 0])
+    th = th_ref + 0.05 * torch.randn(th_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want, got = _grad(auto, obj, th, th_ref), _grad(closed, obj, th, th_ref)
+    assert want.abs().max() > 1e-6
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+
+
+def test_one_program_for_all_methods_equals_separate_runs(small):
+    """Every method x seed in one program (closed form) gives the curves of one run per method, and the
+    autograd reference path gives the same curves."""
+    cfg, data, theta, _ = small
+    specs = mx.HYPERPARAMETERS[1.0]
+    th0 = torch.tensor(theta[..., 0])
+    kw = dict(steps=30, record_at=[0, 10, 30], seeds=cfg.seed_list)
+    closed = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64)
+    auto = ad.MixtureAdapter(data, theta[..., 1], dtype=torch.float64, closed_form=False)
+    together = ad.run_methods(closed, th0, specs, **kw)
+    apart = pd.concat([ad.run_methods(closed, th0, {k: v}, **kw) for k, v in specs.items()], ignore_index=True)
+    reference = ad.run_methods(auto, th0, specs, **kw)
+    cols = ["forget_distance", "retain_distance", "param_distance", "forget_loss", "forget_nll", "retain_loss"]
+    key = ["method", "seed", "step"]
+    assert (together[key] == apart[key]).all().all() and (together[key] == reference[key]).all().all()
+    np.testing.assert_allclose(together[cols].to_numpy(), apart[cols].to_numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(together[cols].to_numpy(), reference[cols].to_numpy(), rtol=1e-10, atol=1e-14)
+    at = lambda st: together[together.step == st].forget_distance.to_numpy()  # noqa: E731
+    moved = at(30) < at(0)
+    assert moved.mean() > 0.5   # not vacuous: most replicas moved
+
+
+def test_seed_bootstrap_intervals():
+    """The bootstrap's row 0 is the plain seed mean; the interval brackets it; Wilson matches a known value."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 50, 10)
+    rows = [{"method": m, "seed": sd, "step": st, "forget_distance": v, "retain_distance": v / 10}
+            for m in ("a", "b") for sd in range(8) for st, v in zip(steps, rng.lognormal(0, 1, steps.size))]
+    curves = pd.DataFrame(rows)
+    boot = analysis.Bootstrap(curves, ("a", "b"), B=500)
+    want = curves[curves.method == "b"].groupby("step")["forget_distance"].mean().to_numpy()
+    np.testing.assert_allclose(boot.forget[0, 1], want, rtol=1e-12)
+    c = analysis.ci(boot.forget[:, 1, 2])
+    assert c["ci"][0] <= c["estimate"] <= c["ci"][1] and c["ci"][0] < c["ci"][1]
+    assert analysis.wilson(3, 5) == pytest.approx([0.2307, 0.8824], abs=1e-4)
+    never = analysis.ci(boot.first_below("a", -1.0))
+    assert never == {"estimate": None, "ci": [None, None]}
 
 
 def _logsig(a: float) -> float:
@@ -168,8 +254,9 @@ def test_alpha1_reproduces_the_findings_it_shows(alpha1_run):
     """Measured on seeds 0-4 (see the closing report for what does not hold)."""
     _, run = alpha1_run
     f = run.results.summary["findings"]
-    # 1. start near (1.70, 0.02)
-    assert f["start_point"]["holds"] is True
+    # 1. start near (1.70, 0.02): the seed-mean point is (the 5-seed CI is too wide; see the 20-seed test)
+    m = f["start_point"]["measured"]
+    assert abs(m["forget_distance"] - 1.70) <= 0.34 and m["retain_distance"] <= 0.05
     # 2. IDK+RT never forgets; GA, GA+RT, NPO, NPO+RT get below 0.005 by step 1200 in most seeds
     per_seed = f["forget_below_threshold"]["min_forget_distance_per_seed"]
     assert min(per_seed["idk_rt"].values()) > 0.3
@@ -200,8 +287,19 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, words):
     assert not out.exists()
 
 
+def test_start_point_holds_over_20_seeds():
+    """The start point (step 0 only) over the default 20 seeds: its whole seed CI is within the paper's band."""
+    cfg = mx.SyntheticConfig(alpha=1, steps=1, record_every=1, methods=("ga",))
+    assert cfg.seeds == 20
+    results = mx.simulate(cfg)
+    f = results.summary["findings"]["start_point"]
+    assert f["holds"] is True and 1.36 <= f["ci"]["forget_distance"]["ci"][0]
+    assert analysis.claims(results, cfg)[0].verdict == C.HOLDS
+
+
 def test_cli_small_run(tmp_path, capsys):
     rc = cli.main(["synthetic", "--alpha", "0", "--seeds", "1", "--steps", "50", "--methods", "ga,npo,dpo_rt",
+                   "--compare-pretrain",
                    "--out", str(tmp_path / "run"), "--figures", str(tmp_path / "figs")])
     assert rc == 0
     text = capsys.readouterr().out
@@ -246,6 +344,7 @@ def test_report_configs():
     full, smoke = mx.report_configs(False), mx.report_configs(True)
     assert list(full) == list(smoke) == ["synthetic_alpha1", "synthetic_alpha0"]
     assert full["synthetic_alpha1"] == mx.SyntheticConfig(alpha=1.0)
+    assert full["synthetic_alpha1"].seeds == 20 and not full["synthetic_alpha1"].compare_pretrain
     assert smoke["synthetic_alpha0"] == mx.SyntheticConfig(alpha=0.0, seeds=1, steps=400, compare_pretrain=False)
 
 
@@ -256,7 +355,7 @@ def test_claims_are_finished_records(alpha1_run):
     for c in saved:
         assert c.claim.startswith("§4 synthetic (α=1): ") and c.criterion
         assert c.figure == "synthetic_tradeoff_alpha1.png" and c.verdict in C.VERDICTS
-    assert saved[0].verdict == C.HOLDS   # the start point holds (see above)
+    assert saved[0].verdict in (C.HOLDS, C.PARTLY)   # the start point's seed-mean holds (see above)
     assert json.loads((out / "run" / "config.json").read_text())["config_class"] == "SyntheticConfig"
 
 

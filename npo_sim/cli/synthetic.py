@@ -12,11 +12,12 @@ from ..study import run_study
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="mixture separation: 1 or 0 (default 1)")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    p.add_argument("--seeds", type=int, default=SyntheticConfig.seeds,
+                   help=f"number of seeds (default {SyntheticConfig.seeds})")
     p.add_argument("--seed0", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--pretrain", default="newton", help="newton (exact optimum, default) or gd (paper's recipe)")
-    p.add_argument("--no-compare-pretrain", dest="compare_pretrain", action="store_false",
-                   help="skip running the other pretraining recipe for comparison")
+    p.add_argument("--compare-pretrain", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run the other pretraining recipe and report the difference (default off)")
     p.add_argument("--methods", type=comma_list(), default=METHODS, help="comma-separated (default: all)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--record-every", type=int, default=25)

@@ -70,13 +70,16 @@ def tradeoff_figure(curves: pd.DataFrame, alpha: float, threshold: float):
     return fig
 
 
-def distances_figure(curves: pd.DataFrame, alpha: float, threshold: float, seeds: int, pretrain: str):
-    """Three panels: forget distance, retain distance and ‖θ − θ_retr‖ against the step."""
+def distances_figure(curves: pd.DataFrame, alpha: float, threshold: float, seeds: int, pretrain: str,
+                     compared: bool = False):
+    """Three panels: forget distance, retain distance and ‖θ − θ_retr‖ against the step; the title says
+    whether the other pretraining recipe was also run for comparison."""
     fig, axes = new_figure(3, 1, width=4.0, height=3.2)
     draw_vs_step(axes[0], curves, threshold)
     axes[0, 0].legend(fontsize=7, ncol=2)
+    note = "compared with the other recipe" if compared else "no pretraining comparison run"
     fig.suptitle(f"§4 mixture, α = {alpha:g}: geometric mean ×/÷ geometric std over {seeds} seeds "
-                 f"({pretrain} pretraining)", fontsize=9)
+                 f"({pretrain} pretraining; {note})", fontsize=9)
     return fig
 
 
@@ -85,7 +88,7 @@ def figures(results, cfg) -> dict:
     curves, tag = results.tables["curves"], f"alpha{cfg.alpha:g}"
     return {f"synthetic_tradeoff_{tag}.png": tradeoff_figure(curves, cfg.alpha, cfg.threshold),
             f"synthetic_distances_{tag}.png": distances_figure(curves, cfg.alpha, cfg.threshold, cfg.seeds,
-                                                               cfg.pretrain)}
+                                                               cfg.pretrain, cfg.compare_pretrain)}
 
 
 __all__ = ["figures", "tradeoff_figure", "distances_figure", "draw_tradeoff", "draw_vs_step"]

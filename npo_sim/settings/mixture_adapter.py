@@ -1,11 +1,11 @@
 """The §4 mixture's unlearning side: the adapter :func:`npo_sim.unlearn.run` trains through, the exact
-binary KL its metrics use, and :func:`run_methods`, which runs every method as replicas of few tensor
-programs (all seeds of a method, and all methods sharing an objective, in one run).
+binary KL its metrics use, and :func:`run_methods`, which runs every method × seed as the replicas of
+one tensor program (:class:`MultiObjective`: each method's registry objective on its replica slice),
+with the closed-form gradient :meth:`MixtureAdapter.vjp` (autograd is the tested reference).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import unlearn
-from ..losses import OBJECTIVES, get_objective, kl
+from ..losses import OBJECTIVES, LossTerms, Objective, get_objective
 
 if TYPE_CHECKING:
     from .mixture import MethodSpec, MixtureData
@@ -29,10 +29,13 @@ CURVE_COLUMNS = ("method", "seed", "step", "forget_distance", "retain_distance",
 # exact KL between 2-class logistic models
 # --------------------------------------------------------------------------------------------------
 def binary_kl(logit_p: Tensor, logit_q: Tensor) -> Tensor:
-    """Elementwise ``KL(Bern(σ(a)) ‖ Bern(σ(b)))``: the library's :func:`npo_sim.losses.kl` on the
-    2-class logits ``[0, a]`` (reference) and ``[0, b]``, kept per element (no reduction)."""
-    two = lambda z: torch.stack([torch.zeros_like(z), z], -1)  # noqa: E731
-    return kl(two(logit_q), two(logit_p), batch_dims=logit_p.ndim)
+    """Elementwise ``KL(Bern(σ(a)) ‖ Bern(σ(b)))`` (no reduction), in log-sigmoids so it cannot overflow:
+    ``σ(a)(log σ(a) − log σ(b)) + σ(−a)(log σ(−a) − log σ(−b))``. It equals the library's
+    :func:`npo_sim.losses.kl` on the 2-class logits ``[0, a]`` and ``[0, b]`` (tested), at a fraction of
+    the cost of a log-softmax over a last axis of size 2."""
+    lp, lq = F.logsigmoid(logit_p), F.logsigmoid(logit_q)
+    lp_, lq_ = F.logsigmoid(-logit_p), F.logsigmoid(-logit_q)
+    return lp.exp() * (lp - lq) + lp_.exp() * (lp_ - lq_)
 
 
 def mean_binary_kl(logit_p: Tensor, logit_q: Tensor) -> Tensor:
@@ -50,14 +53,19 @@ class MixtureAdapter:
     share one objective). Features are stored transposed, ``(S, k, n)``, so the logits are one batched
     row-vector × matrix product (thin matmuls in the other layout are several times slower on CPU).
     Training tensors use ``dtype``; the metrics are always computed in float64.
+
+    The model is linear in θ, so the loop's gradient is the closed-form chain rule :meth:`vjp`
+    (``Φᵀ(c ⊙ ∂input/∂z)``); ``closed_form=False`` hides it, and the loop differentiates the adapter by
+    autograd instead (the reference the tests compare against).
     """
 
-    def __init__(self, data: MixtureData, theta_retr, dtype=torch.float32):
+    def __init__(self, data: MixtureData, theta_retr, dtype=torch.float32, closed_form: bool = True):
         t = lambda a, dt=dtype: torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
         f64 = torch.float64
         self.S, self.n_f = data.y_forget.shape
-        self.forget_T = t(data.phi_forget).transpose(1, 2).contiguous()      # (S, k, n_f)
-        self.retain_T = t(data.phi_retain).transpose(1, 2).contiguous()      # (S, k, n_r)
+        self.forget, self.retain = t(data.phi_forget), t(data.phi_retain)  # (S, n, k), for the vjp
+        self.forget_T = self.forget.transpose(1, 2).contiguous()             # (S, k, n_f)
+        self.retain_T = self.retain.transpose(1, 2).contiguous()             # (S, k, n_r)
         eval_phi = np.concatenate([data.phi_eval_forget, data.phi_eval_retain], 1)
         self.eval_T = t(eval_phi, f64).transpose(1, 2).contiguous()
         self.n_eval = data.phi_eval_forget.shape[1]
@@ -67,6 +75,17 @@ class MixtureAdapter:
         self.forget64_T = self.forget_T.to(f64)
         self.theta_retr = t(theta_retr, f64)                               # (S, k)
         self.retr_eval = self._logits(self.theta_retr, self.eval_T)        # (S, 2·n_eval)
+        if not closed_form:
+            self.vjp = None                                                # unlearn.run: autograd path
+
+        #: input key -> the method blocks (of S replicas each) that read it; absent: every block
+        self.blocks: dict[str, list[int]] = {}
+
+    def _rows(self, x: Tensor, key: str) -> Tensor:
+        """Rows (G, n) restricted to the blocks that read ``key``: (c'·S, n), blocks in order."""
+        if key not in self.blocks:
+            return x
+        return x.reshape(-1, self.S, x.shape[-1])[self.blocks[key]].reshape(-1, x.shape[-1])
 
     # θ (G, k) -> logits (G, n) against per-seed features (S, k, n)
     def _logits(self, theta: Tensor, feats_T: Tensor) -> Tensor:
@@ -88,9 +107,45 @@ class MixtureAdapter:
     }
 
     def inputs(self, params: Sequence[Tensor], keys: frozenset[str]) -> dict[str, Tensor]:
+        """Per-example tensors; a key read by only some method blocks (:attr:`blocks`) covers only
+        their replicas. Logits are one pass over each feature set (the features, not the FLOPs, are
+        what costs: the product is memory-bound), then restricted to a key's blocks."""
         feats = {"forget": self.forget_T, "retain": self.retain_T}
         z = {part: self._logits(params[0], feats[part]) for part in {self.INPUTS[k][0] for k in keys}}
-        return {k: self.INPUTS[k][1](self, z[self.INPUTS[k][0]]) for k in keys}
+        return {k: self.INPUTS[k][1](self, self._rows(z[self.INPUTS[k][0]], k)) for k in keys}
+
+    #: θ-dependent input -> (which features, its sign labels or None, how ∂input/∂z is read)
+    VJP = {"logp": ("forget", "s_forget"), "idk_logp": ("forget", "s_idk"),
+           "retain_logp": ("retain", "s_retain"), "retain_logits": ("retain", None)}
+
+    def vjp(self, params: Sequence[Tensor], inputs: Mapping[str, Tensor],
+            cotangents: Mapping[str, Tensor]) -> list[Tensor]:
+        """Closed-form ``Σ_k ⟨c_k, ∂input_k/∂θ⟩`` (see :func:`npo_sim.unlearn.run`).
+
+        For ``logp = log σ(s·z)``, ``∂logp/∂z = s·σ(−s·z) = −s·expm1(logp)``; for ``retain_logits =
+        [0, z]`` it is the second class's cotangent. Per feature set, ``∂z/∂θ = Φ`` gives
+        ``∇θ = Φᵀ(Σ_k c_k ⊙ ∂input_k/∂z)``, one batched matmul per feature set.
+        """
+        theta = params[0]
+        G = theta.shape[0]
+        dz: dict[str, Tensor] = {}
+        for key, c in cotangents.items():
+            part, sign = self.VJP[key]
+            if sign is None:
+                d = c[..., 1]
+            else:
+                d = c * self._per_replica(getattr(self, sign), c.shape[0]) * -torch.expm1(inputs[key])
+            if key in self.blocks:                                             # compact: back to all G rows
+                full = torch.zeros(G // self.S, self.S, d.shape[-1], dtype=d.dtype)
+                full[self.blocks[key]] = d.reshape(-1, self.S, d.shape[-1])
+                d = full.reshape(G, -1)
+            dz[part] = dz[part] + d if part in dz else d
+        grad = torch.zeros_like(theta)
+        for part, d in dz.items():
+            feats = {"forget": self.forget, "retain": self.retain}[part]         # (S, n, k)
+            g = d.reshape(-1, self.S, d.shape[-1]).transpose(0, 1) @ feats      # (S, c, k)
+            grad = grad + g.transpose(0, 1).reshape(G, -1)
+        return [grad]
 
     def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         theta = params[0].double()
@@ -106,42 +161,89 @@ class MixtureAdapter:
 
 
 # --------------------------------------------------------------------------------------------------
-# unlearning: all seeds of a method (and methods sharing an objective) in one run
+# unlearning: every method x every seed as replicas of one tensor program
 # --------------------------------------------------------------------------------------------------
+class MultiObjective:
+    """Several registry objectives, each on its own contiguous replica slice of one program.
+
+    ``needs`` is the union of the parts' needs; each part's registry objective sees only its slice of
+    every input it reads, and the per-replica loss terms are concatenated back in replica order, so the
+    loop's ``loss.sum()`` is the sum of every part's own loss (no loss is re-implemented here). ``beta``
+    is one value per replica (1 where a part has no β); it is only read by the loop's ``npo_weight``
+    record column.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Objective, slice]], beta: Tensor,
+                 blocks: Mapping[str, list[int]] | None = None):
+        self.parts = list(parts)
+        self.beta = beta
+        self.name = "+".join(o.name for o, _ in self.parts)
+        #: key -> the blocks whose replicas a compact input holds (see MixtureAdapter.blocks)
+        self.blocks = dict(blocks or {})
+
+    def _slice(self, key: str, i: int, sl: slice) -> slice:
+        """Part ``i``'s rows in input ``key``: its own slice, or its place among a compact key's blocks."""
+        base = BASE_OF.get(key, key)
+        if base not in self.blocks:
+            return sl
+        j, n = self.blocks[base].index(i), sl.stop - sl.start
+        return slice(j * n, (j + 1) * n)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(o.needs for o, _ in self.parts))
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> LossTerms:
+        terms = [o({k: inputs[k][self._slice(k, i, sl)] for k in o.needs}) for i, (o, sl) in enumerate(self.parts)]
+        return LossTerms(*(torch.cat(t) for t in zip(*terms)))
+
+
+#: reference input -> the θ input it is the reference of
+BASE_OF = {ref: k for k, ref in unlearn.REFERENCE_OF.items()}
+#: inputs computed only for the method blocks that read them (``logp`` stays full: the loop's
+#: ``npo_weight`` record pairs it with the per-replica β)
+COMPACT = ("idk_logp", "length", "retain_logp", "retain_logits")
+
+
+def build_program(specs: Mapping[str, MethodSpec], S: int, dtype) -> tuple[MultiObjective, Tensor]:
+    """One replica block of ``S`` seeds per method (method-major): the objective and per-replica lr.
+
+    Inputs in :data:`COMPACT` hold only the blocks of the methods that read them (the others would
+    compute, e.g., retain logits that no loss reads)."""
+    parts, lrs, betas = [], [], []
+    for i, spec in enumerate(specs.values()):
+        beta = spec.beta if spec.beta is not None else OBJECTIVES[spec.objective].beta
+        parts.append((get_objective(spec.objective, beta=beta), slice(i * S, (i + 1) * S)))
+        lrs += [spec.lr] * S
+        betas += [beta if OBJECTIVES[spec.objective].uses_beta else 1.0] * S
+    blocks = {k: [i for i, (o, _) in enumerate(parts) if k in {BASE_OF.get(n, n) for n in o.needs}]
+              for k in COMPACT}
+    blocks = {k: b for k, b in blocks.items() if b and len(b) < len(parts)}
+    return (MultiObjective(parts, torch.tensor(betas, dtype=dtype), blocks), torch.tensor(lrs, dtype=dtype))
+
+
 def run_methods(adapter: MixtureAdapter, theta_ref: Tensor, specs: Mapping[str, MethodSpec], *,
                 steps: int, record_at: Sequence[int], seeds: Sequence[int]) -> pd.DataFrame:
-    """Unlearn every method in ``specs`` from ``theta_ref`` (S, k); return the tidy curves table.
+    """Unlearn every method in ``specs`` from ``theta_ref`` (S, k) in one run; return the tidy curves.
 
-    Runs with one intra-op thread (restored afterwards): the ops are tiny, and a second thread only adds
-    synchronisation, which stalls badly when the cores are shared.
+    Replica ``r`` is method ``r // S`` on seed ``r % S``. Runs with one intra-op thread (restored
+    afterwards): the ops are tiny, and a second thread only adds synchronisation, which stalls badly
+    when the cores are shared.
     """
+    S, names = theta_ref.shape[0], list(specs)
+    objective, lr = build_program(specs, S, theta_ref.dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    adapter.blocks = objective.blocks
     try:
-        groups: dict[str, list[str]] = defaultdict(list)
-        for name, spec in specs.items():
-            groups[spec.objective].append(name)
-        frames = [_run_group(adapter, theta_ref, objective, [specs[m] for m in names], names, steps=steps,
-                             record_at=record_at, seeds=seeds) for objective, names in groups.items()]
+        rows = unlearn.run(adapter, objective, [theta_ref.repeat(len(names), 1)], steps=steps, lr=lr,
+                           record_at=record_at)
     finally:
         torch.set_num_threads(threads)
-    out = pd.concat(frames, ignore_index=True)
-    order = {m: i for i, m in enumerate(specs)}
-    out = out.sort_values(["method", "seed", "step"], key=lambda s: s.map(order) if s.name == "method" else s)
-    return out[list(CURVE_COLUMNS)].reset_index(drop=True)
-
-
-def _run_group(adapter, theta_ref, objective_name, specs, names, *, steps, record_at, seeds) -> pd.DataFrame:
-    """Methods sharing one objective, as replicas of one run: per-replica lr and β, every seed."""
-    S, c = theta_ref.shape[0], len(names)
-    betas = [s.beta if s.beta is not None else OBJECTIVES[objective_name].beta for s in specs]
-    # one value per replica; a plain float when the group shares it (skips per-step tensor checks)
-    per_replica = lambda v: (float(v[0]) if len(set(v)) == 1  # noqa: E731
-                             else torch.tensor(v, dtype=theta_ref.dtype).repeat_interleave(S))
-    lr, beta = per_replica([s.lr for s in specs]), per_replica(betas)
-    objective = get_objective(objective_name, beta=beta)
-    theta0 = theta_ref.repeat(c, 1)                                    # (c·S, k), method-major
-    df = pd.DataFrame(unlearn.run(adapter, objective, [theta0], steps=steps, lr=lr, record_at=record_at))
+        adapter.blocks = {}
+    df = pd.DataFrame(rows)
     df["method"] = [names[r // S] for r in df["replica"]]
     df["seed"] = [seeds[r % S] for r in df["replica"]]
-    return df
+    order = {m: i for i, m in enumerate(specs)}
+    df = df.sort_values(["method", "seed", "step"], key=lambda s: s.map(order) if s.name == "method" else s)
+    return df[list(CURVE_COLUMNS)].reset_index(drop=True)

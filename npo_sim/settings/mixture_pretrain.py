@@ -54,10 +54,14 @@ def _diagnostics(phi, w, theta, seeds) -> dict:
 
 
 def _newton_step(phi, phiT, w, z, g):
-    """The Newton direction (S, k, 2) of both models from their logits z and gradient g."""
+    """The Newton direction (S, k, 2) of both models from their logits z and gradient g.
+
+    Each model's Hessian is the weighted Gram matrix ``Φᵀ D Φ`` with ``D = diag(w·p(1−p))``: one batched
+    ``(S, k, n) @ (S, n, k)`` product per model.
+    """
     p = expit(z)
     curv = w * p * (1.0 - p)                                                       # (S, n, 2)
-    H = (phiT[:, None] * np.swapaxes(curv, 1, 2)[:, :, None, :]) @ phi[:, None]   # (S, 2, k, k)
+    H = np.stack([phiT @ (curv[..., c, None] * phi) for c in range(curv.shape[-1])], axis=1)  # (S, 2, k, k)
     step = np.linalg.solve(H, np.swapaxes(g, 1, 2)[..., None])[..., 0]            # (S, 2, k)
     return np.swapaxes(step, 1, 2)
 
