@@ -98,24 +98,39 @@ def guarded(prog: str, args, entry, errors: Mapping[type[BaseException], int] | 
         return code
 
 
+def _chosen(argv, commands: Mapping[str, tuple[str, str]]) -> str | None:
+    """The subcommand named in ``argv``: its first token that is not an option (None if none)."""
+    for tok in argv:
+        if tok == "--":
+            return None
+        if not tok.startswith("-"):
+            return tok if tok in commands else None
+    return None
+
+
 def build_and_run(prog: str, description: str, commands: Mapping[str, tuple[str, str]], argv=None) -> int:
-    """Parse ``argv`` and run the chosen subcommand under :func:`guarded`."""
+    """Parse ``argv`` and run the chosen subcommand under :func:`guarded`.
+
+    Lazy: every subcommand is listed (name and one-line help) without importing its module; only the
+    chosen command's module is imported, for its arguments and its entry point. So ``prog --help`` and
+    a light subcommand never import what the other subcommands need (matplotlib, pandas, ...).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(prog=prog, description=description)
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
-    for name, (module, help_text) in commands.items():
-        if importlib.util.find_spec(module) is None:
-            continue
-        modules[name] = module
+    available = {name: spec for name, spec in commands.items() if importlib.util.find_spec(spec[0]) is not None}
+    chosen = _chosen(argv, available)
+    for name, (module, help_text) in available.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        add = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
-        add(sp)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            add = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
+            add(sp)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    mod = importlib.import_module(modules[args.command])
+    mod = importlib.import_module(available[args.command][0])
     entry = getattr(mod, f"{args.command.replace('-', '_')}_main", None) or mod.main
     return guarded(prog, args, entry)

@@ -139,6 +139,38 @@ def test_console_scripts_print_help(script):
     assert out.returncode == 0 and "usage:" in out.stdout
 
 
+HEAVY = ("matplotlib", "transformers", "pandas", "full_scale")
+
+
+def _imported_after(argv: list[str]) -> set[str]:
+    """Top-level packages that ``npo-sim *argv`` imported, run in a fresh interpreter (``--help`` exits 0)."""
+    code = ("import sys\nfrom npo_sim.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('MODULES ' + ' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.strip().splitlines()[-1].split()[1:])
+
+
+@pytest.mark.parametrize("argv", [["--help"], [], ["markov", "--help"]])
+def test_npo_sim_help_and_light_commands_import_no_heavy_package(argv):
+    # the dispatcher lists every subcommand without importing it; only the chosen command's module loads
+    # (`figures --help` lists the run names, which imports the settings: it is not a light command)
+    mods = _imported_after(argv)
+    assert not {m for m in HEAVY if m in mods} and "torch" not in mods, argv
+
+
+def test_lazy_dispatch_lists_every_command_and_markov_presets_agree(capsys):
+    from npo_sim.cli import COMMANDS, main
+    from npo_sim.cli import markov as cli_markov
+    from npo_sim.settings.markov import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert cli_markov.PRESET_NAMES == tuple(PRESETS)
+
+
 def test_full_scale_never_imported_by_npo_sim():
     code = "import sys, npo_sim.losses, npo_sim.theory, npo_sim.metrics, npo_sim.unlearn; " \
            "print(any(m.startswith('full_scale') or m.startswith('transformers') for m in sys.modules))"

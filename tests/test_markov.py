@@ -280,3 +280,67 @@ def test_claims_without_the_methods_they_read_are_not_measured():
 def test_config_errors_are_in_the_configs_own_words(overrides, msg):
     with pytest.raises(UserError, match=msg):
         M.make_config("divergence", **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# the closed-form tabular chain rule and the batched program
+# --------------------------------------------------------------------------------------------------
+def _small_tabular():
+    cfg = M.make_config("length", n_retain=60, n_forget1=30, n_forget2=30)
+    chains, data = M.build_data(cfg)
+    model = MC.TabularModel(10)
+    train = {s: d[0] for s, d in data.items()}
+    target, _ = model.pretrain(MC.SeqSet.cat(list(train.values())))
+    forget = MC.SeqSet.cat([train["forget1"], train["forget2"]])
+    idk = MC.SeqSet(torch.full_like(forget.seqs, 9), forget.lengths)
+    ev = M.Evaluator(model, chains, {s: d[1] for s, d in data.items()}, {"forget1": train["forget1"]}, target, target,
+                     {s: 20 for s in MC.SOURCES})
+    return model, forget, train["retain"], idk, ev, target
+
+
+@pytest.mark.parametrize("method", ["ga", "ga_rt", "ga_kl", "npo_kl", "simnpo_rt", "idk_rt", "dpo_kl"])
+def test_tabular_vjp_equals_autograd_through_the_model(method):
+    model, forget, retain, idk, ev, target = _small_tabular()
+    obj = get_objective(method)
+    params = [(p + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+              .requires_grad_(True) for p in target]
+    ad = M.TabularAdapter(model, forget, retain, idk, ev)
+    ref = unlearn.reference_inputs(ad, obj, target)
+    inputs = {**ad.inputs(params, frozenset(obj.needs - set(ref))), **ref}
+    auto = torch.autograd.grad(obj(inputs).loss, params)
+    keys = [k for k in inputs if k in unlearn.THETA_INPUTS]
+    detached = {k: (v.detach().requires_grad_(True) if k in keys else v) for k, v in inputs.items()}
+    cot = torch.autograd.grad(obj(detached).loss, [detached[k] for k in keys])
+    closed = ad.vjp(params, {k: detached[k] for k in keys}, dict(zip(keys, cot)))
+    for a, b in zip(auto, closed):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_tabular_closed_form_runs_match_the_autograd_reference_and_batched_matches_separate():
+    model, forget, retain, idk, ev, target = _small_tabular()
+    cfg = M.make_config("length", n_retain=60, n_forget1=30, n_forget2=30, steps=15)
+    methods = cfg.methods
+    for method in ("npo_kl", "simnpo_rt", "dpo_rt"):
+        obj = get_objective(method)
+        runs = [unlearn.run(cls(model, forget, retain, idk, ev), obj, target, steps=15, lr=0.1, record_at=[0, 5, 15])
+                for cls in (M.MarkovAdapter, M.TabularAdapter)]
+        for k in runs[0]:
+            assert np.allclose(runs[0][k], runs[1][k], rtol=1e-11, atol=1e-12), (method, k)
+    batched = M._unlearn_batched(cfg, model, forget, retain, idk, ev, target)
+    separate = M._unlearn_each(cfg, model, forget, retain, idk, ev, target, False, {})
+    assert len(batched) == len(separate) == len(methods)
+    for b, s in zip(batched, separate):
+        assert list(b.columns) == list(s.columns)
+        assert np.allclose(b.drop(columns="method").to_numpy(float), s.drop(columns="method").to_numpy(float),
+                           rtol=1e-11, atol=1e-12)
+
+
+def test_a_diverging_batch_falls_back_to_one_run_per_method(monkeypatch):
+    model, forget, retain, idk, ev, target = _small_tabular()
+    cfg = M.make_config("divergence", n_retain=60, n_forget1=30, n_forget2=30, steps=5)
+
+    def boom(*a, **k):
+        raise M.NonFiniteLoss("batched run diverged")
+    monkeypatch.setattr(M, "_unlearn_batched", boom)
+    curves, diverged = M._unlearn_all(cfg, model, forget, retain, idk, ev, target, False)
+    assert list(curves.method.unique()) == list(cfg.methods) and diverged == {}

@@ -41,97 +41,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import losses, unlearn
 from ..losses import OBJECTIVES, get_objective
 from ..runio import NonFiniteLoss, UserError
 from ..study import Results, Study
-from .markov_chains import SOURCES, Chain, SeqSet, TabularModel, chain_kl, make_chains, rows_tensor, sample, weighted_kl
+from .markov_chains import (  # noqa: F401  (re-exported: tests and notebooks use M.*)
+    ADAPTERS,
+    SOURCES,
+    Chain,
+    Evaluator,
+    MarkovAdapter,
+    SeqSet,
+    TabularAdapter,
+    TabularModel,
+    make_chains,
+    sample,
+)
 from .markov_findings import DIVERGENCE_LAWS, FINDINGS, figure_name, method_summary
 from .markov_transformer import TransformerConfig, TransformerModel
 
 #: methods whose forget term reads the IDK answer (they need the no-chain state)
 IDK_METHODS = frozenset(n for n, o in OBJECTIVES.items() if "idk_logp" in o.needs)
-
-
-# ==================================================================================================
-# adapter for npo_sim.unlearn.run, and the exact metrics
-# ==================================================================================================
-class MarkovAdapter:
-    """Turns params into the objective's inputs on the forget/retain train sets (optionally minibatched)."""
-
-    def __init__(self, model, forget: SeqSet, retain: SeqSet, idk: SeqSet | None, evaluator: Evaluator,
-                 batch_size: int = 0, seed: int = 0) -> None:
-        self.model, self.forget, self.retain, self.idk, self.evaluator = model, forget, retain, idk, evaluator
-        self.batch_size, self.seed = batch_size, seed
-        self._fi = self._ri = None  # current minibatch (None = full batch)
-
-    def select(self, step: int, ref: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not self.batch_size:
-            return ref
-        rng = np.random.default_rng((self.seed, step))
-        self._fi = torch.as_tensor(rng.choice(len(self.forget), min(self.batch_size, len(self.forget)), replace=False))
-        self._ri = torch.as_tensor(rng.choice(len(self.retain), min(self.batch_size, len(self.retain)), replace=False))
-        pick = {"logp_ref": self._fi, "idk_logp_ref": self._fi, "retain_ref_logits": self._ri}
-        return {k: v[pick[k]] for k, v in ref.items()}
-
-    def _sub(self, data: SeqSet | None, idx) -> SeqSet | None:
-        return data if idx is None or data is None else data.subset(idx)
-
-    def inputs(self, params: Sequence[Tensor], keys: frozenset[str]) -> dict[str, Tensor]:
-        forget, retain = self._sub(self.forget, self._fi), self._sub(self.retain, self._ri)
-        out: dict[str, Tensor] = {}
-        if "logp" in keys:
-            out["logp"] = self.model.seq_logp(params, forget)
-        if "length" in keys:
-            out["length"] = forget.lengths.to(torch.get_default_dtype())
-        if "idk_logp" in keys:
-            out["idk_logp"] = self.model.seq_logp(params, self._sub(self.idk, self._fi))
-        if "retain_logp" in keys:
-            out["retain_logp"] = self.model.retain_logp(params, retain)
-        if "retain_logits" in keys:
-            out["retain_logits"], out["retain_mask"] = self.model.retain_logits(params, retain)
-        return out
-
-    def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
-        return self.evaluator(params)
-
-
-class Evaluator:
-    """Exact metrics of a parameter list over the test prefixes. Truths (true chains, oracle) are
-    precomputed once per prediction context (``model.contexts``: every prefix for the transformer, the
-    ``K+1`` distinct rows for the tabular model — the same average, computed exactly either way)."""
-
-    def __init__(self, model, chains: dict[str, Chain], test: dict[str, SeqSet], forget_eval: dict[str, SeqSet],
-                 params0: Sequence[Tensor], oracle: Sequence[Tensor], lengths: dict[str, int]) -> None:
-        self.model, self.chains, self.test, self.forget_eval, self.lengths = model, chains, test, forget_eval, lengths
-        self.params0 = [p.detach().clone() for p in params0]
-        self.ctx = {s: model.contexts(d) for s, d in test.items()}
-        with torch.no_grad():
-            self.true_p = {s: rows_tensor(chains[s])[self.ctx[s][0]] for s in test}
-            self.oracle_p = {s: model.context_logprobs(oracle, d).double().exp() for s, d in test.items()}
-
-    @torch.no_grad()
-    def __call__(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for s, d in self.test.items():
-            _, w, counts = self.ctx[s]
-            lp = self.model.context_logprobs(params, d).double()
-            out[f"kl_{s}_true"] = weighted_kl(self.true_p[s], lp, w)
-            out[f"kl_{s}_oracle"] = weighted_kl(self.oracle_p[s], lp, w)
-            out[f"ll_{s}_test"] = (counts * lp).sum() / w.sum()
-        if self.model.kind == "tabular":
-            rows_lp = F.log_softmax(self.model.row_logits(params), -1)
-            for s, c in self.chains.items():
-                out[f"ckl_{s}"] = chain_kl(c, rows_lp, self.lengths[s])
-        logps = {s: self.model.seq_logp(params, d) for s, d in self.forget_eval.items()}
-        for s, v in logps.items():
-            out[f"logp_{s}"] = v.mean()
-        out["logp_forget"] = torch.cat(list(logps.values())).mean()
-        out["param_dist"] = torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in zip(params, self.params0)))
-        return {k: v.double() for k, v in out.items()}
+# the adapters (autograd reference and closed-form tabular) and the exact-metric Evaluator are in markov_chains
 
 
 # ==================================================================================================
@@ -295,24 +228,95 @@ def record_steps(cfg: MarkovConfig) -> list[int]:
                   | set(np.linspace(0, cfg.steps, cfg.linear_records).round().astype(int).tolist()))
 
 
-def _unlearn_all(cfg: MarkovConfig, model, forget: SeqSet, retain: SeqSet, idk: SeqSet | None,
-                 evaluator: Evaluator, target: list[Tensor], progress: bool) -> tuple[pd.DataFrame, dict]:
-    """Unlearn every method from the target; return (tidy curves, {method: step its loss went non-finite})."""
+class MethodBatch:
+    """Several registry objectives as one, each on its own replica slice (replica ``r`` = ``objectives[r]``).
+
+    Each objective is called on its slice of the per-replica inputs — the losses themselves are the
+    registry's, never re-implemented — and the terms are stacked to ``(R,)``, so the loop's summed loss
+    gives every replica its own method's gradient. ``length`` and ``retain_mask`` (read with ``get``, so not
+    in ``needs``) are shared by all and passed whole.
+    """
+
+    PER_REPLICA = unlearn.THETA_INPUTS | frozenset(unlearn.REFERENCE_OF.values())
+
+    def __init__(self, objectives: Sequence[losses.Objective]) -> None:
+        self.objectives = list(objectives)
+        self.name = "+".join(o.name for o in self.objectives)
+        self.needs = frozenset().union(*(o.needs for o in self.objectives))
+        self.beta = torch.tensor([float(o.beta) for o in self.objectives], dtype=torch.float64)
+
+    def __call__(self, inputs) -> losses.LossTerms:
+        terms = []
+        for r, obj in enumerate(self.objectives):
+            terms.append(obj({k: v[r] if k in self.PER_REPLICA else v for k, v in inputs.items()}))
+        return losses.LossTerms(*(torch.stack(t) for t in zip(*terms)))
+
+
+def _objective(cfg: MarkovConfig, method: str) -> tuple[losses.Objective, float]:
+    """The method's objective and step size (``lr_scale``: forget step ×s, retain weight /s)."""
+    scale = dict(cfg.lr_scale).get(method, 1.0)
+    obj = get_objective(method, beta=cfg.beta, retain_weight=OBJECTIVES[method].retain_weight / scale)
+    return obj, cfg.lr * scale
+
+
+def _unlearn_batched(cfg: MarkovConfig, model, forget, retain, idk, evaluator, target) -> list[pd.DataFrame]:
+    """Every method in one batched program (full-batch GD on the tabular model): one frame per method,
+    the same rows a separate run gives (``npo_weight`` only for the methods that read ``logp_ref``)."""
+    objs, lrs = zip(*(_objective(cfg, m) for m in cfg.methods))
+    R = len(objs)
+    params0 = [p.expand(R, *p.shape).clone() for p in target]
+    adapter = TabularAdapter(model, forget, retain, idk, evaluator)
+    res = unlearn.run(adapter, MethodBatch(objs), params0, steps=cfg.steps, record_at=record_steps(cfg),
+                      lr=torch.tensor(lrs, dtype=torch.float64))
+    table = pd.DataFrame(res)
+    frames = []
+    for r, (method, obj) in enumerate(zip(cfg.methods, objs)):
+        frame = table[table.replica == r].drop(columns="replica").reset_index(drop=True)
+        if "npo_weight" in frame and "logp_ref" not in obj.needs:
+            frame = frame.drop(columns="npo_weight")
+        frames.append(frame.assign(method=method))
+    return frames
+
+
+def _unlearn_each(cfg: MarkovConfig, model, forget, retain, idk, evaluator, target, progress: bool,
+                  diverged: dict) -> list[pd.DataFrame]:
+    """One run per method (a diverged run is a result: its records up to that step are kept)."""
     record, opt = record_steps(cfg), OPTIMIZERS[cfg.optimizer]
-    frames, diverged = [], {}
+    frames = []
     for method in cfg.methods:
         t1 = time.perf_counter()
-        scale = dict(cfg.lr_scale).get(method, 1.0)
-        obj = get_objective(method, beta=cfg.beta, retain_weight=OBJECTIVES[method].retain_weight / scale)
-        adapter = MarkovAdapter(model, forget, retain, idk, evaluator, cfg.batch_size, cfg.seed)
+        obj, lr = _objective(cfg, method)
+        adapter = ADAPTERS[model.kind](model, forget, retain, idk, evaluator, cfg.batch_size, cfg.seed)
         try:
-            res = unlearn.run(adapter, obj, target, steps=cfg.steps, lr=cfg.lr * scale, record_at=record,
+            res = unlearn.run(adapter, obj, target, steps=cfg.steps, lr=lr, record_at=record,
                               optimizer=opt(cfg.lr) if opt else None)
-        except NonFiniteLoss as exc:  # a diverged run is a result: keep its records up to that step
+        except NonFiniteLoss as exc:
             res, diverged[method] = exc.rows, exc.step
         frames.append(pd.DataFrame(res).drop(columns="replica").assign(method=method))
         if progress:
             print(f"  {method}: {time.perf_counter() - t1:.1f}s", flush=True)
+    return frames
+
+
+def _unlearn_all(cfg: MarkovConfig, model, forget: SeqSet, retain: SeqSet, idk: SeqSet | None,
+                 evaluator: Evaluator, target: list[Tensor], progress: bool) -> tuple[pd.DataFrame, dict]:
+    """Unlearn every method from the target; return (tidy curves, {method: step its loss went non-finite}).
+
+    The tabular model under full-batch GD runs all methods as one batched program; if any of them
+    diverges, every method is rerun on its own (so each diverged run keeps exactly its own records).
+    The transformer (minibatches, Adam) runs one method at a time.
+    """
+    frames, diverged = None, {}
+    if model.kind == "tabular" and OPTIMIZERS[cfg.optimizer] is None and not cfg.batch_size:
+        t1 = time.perf_counter()
+        try:
+            frames = _unlearn_batched(cfg, model, forget, retain, idk, evaluator, target)
+            if progress:
+                print(f"  {', '.join(cfg.methods)} (batched): {time.perf_counter() - t1:.1f}s", flush=True)
+        except NonFiniteLoss:
+            frames = None
+    if frames is None:
+        frames = _unlearn_each(cfg, model, forget, retain, idk, evaluator, target, progress, diverged)
     curves = pd.concat(frames, ignore_index=True)
     curves.insert(0, "model", cfg.model)
     curves.insert(0, "preset", cfg.preset)
@@ -374,12 +378,15 @@ REPORT_RUNS = {"markov_length": ("length", "tabular"), "markov_memorization": ("
                "markov_divergence_transformer": ("divergence", "transformer")}
 #: steps of a smoke run, per model
 SMOKE_STEPS = {"tabular": 100, "transformer": 20}
+#: smaller data for a smoke run, per model (the transformer's pretraining dominates its smoke run)
+SMOKE_SIZES = {"tabular": {}, "transformer": dict(n_retain=400, n_forget1=200, n_forget2=200, eval_max=100)}
 
 
 def smoke_overrides(model: str) -> dict:
     """Few steps, and only the methods the claims of that model's report runs read (in registry order)."""
     reads = {m for preset, mod in REPORT_RUNS.values() if mod == model for m in FINDINGS[preset].reads}
-    return dict(steps=SMOKE_STEPS[model], methods=tuple(m for m in losses.methods() if m in reads))
+    return dict(steps=SMOKE_STEPS[model], methods=tuple(m for m in losses.methods() if m in reads),
+                **SMOKE_SIZES[model])
 
 
 def report_configs(smoke: bool) -> dict[str, MarkovConfig]:

@@ -8,12 +8,16 @@ split.
 
 A model of the setting is a set of functions of a parameter list (``seq_logp``, ``retain_logp``,
 ``retain_logits``, ``next_logprobs``, and ``contexts``/``context_logprobs`` for the exact metrics).
-:class:`TabularModel` is the closed-form one; the tiny transformer is in ``markov_transformer``.
+:class:`TabularModel` is the closed-form one (with a closed-form ``vjp``); the tiny transformer is in
+``markov_transformer``. The adapters for :func:`npo_sim.unlearn.run` and the exact-metric
+:class:`Evaluator` are at the end; every function here accepts parameters with one leading replica axis
+(the tabular model runs all methods as one batched program).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,6 +109,23 @@ class SeqSet:
         u, inv = self.unique_counts(K)
         return u[inv]
 
+    def sparse_counts(self, K: int) -> tuple[Tensor, Tensor]:
+        """``counts(K)`` as a sparse CSR matrix and its transpose (cached): at most ``L`` of the ``(K+1)·K``
+        entries of a row are non-zero, so the batched program's products run on the non-zeros only."""
+        if getattr(self, "_csr", None) is None:
+            c = self.counts(K)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the two products used here are not
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = (c.to_sparse_csr(), c.T.contiguous().to_sparse_csr())
+        return self._csr
+
+    def count_stats(self, K: int) -> tuple[Tensor, Tensor]:
+        """``counts(K).mean(0)`` and ``counts(K).sum(0)`` (cached: the full-batch tabular terms reuse them)."""
+        if getattr(self, "_cstats", None) is None:
+            c = self.counts(K)
+            self._cstats = (c.mean(0), c.sum(0))
+        return self._cstats
+
     def unique_counts(self, K: int) -> tuple[Tensor, Tensor]:
         """Counts of the distinct sequences ``(u, (K+1)·K)`` and each sequence's index into them (cached)."""
         if getattr(self, "_ucounts", None) is None:
@@ -139,18 +160,56 @@ class TabularModel:
     def next_logprobs(self, params: Sequence[Tensor], data: SeqSet) -> Tensor:
         return F.log_softmax(self.row_logits(params), -1)[data.rows]
 
+    def _flat_logp(self, params: Sequence[Tensor]) -> Tensor:
+        """The log-softmax table flattened to ``(*replicas, (K+1)·K)``."""
+        lp = F.log_softmax(self.row_logits(params), -1)
+        return lp.reshape(*lp.shape[:-2], -1)
+
     def seq_logp(self, params: Sequence[Tensor], data: SeqSet) -> Tensor:
-        u, inv = data.unique_counts(self.K)  # distinct sequences only (IDK sequences: one per length)
-        return (u @ F.log_softmax(self.row_logits(params), -1).reshape(-1))[inv]
+        """``(*replicas, n)`` summed log-probabilities (params may carry one leading replica axis)."""
+        flat = self._flat_logp(params)
+        if flat.ndim == 1:
+            u, inv = data.unique_counts(self.K)  # distinct sequences only (IDK sequences: one per length)
+            return (u @ flat)[inv]
+        return (data.sparse_counts(self.K)[0] @ flat.reshape(-1, flat.shape[-1]).T).T.reshape(*flat.shape[:-1], -1)
 
     def retain_logp(self, params: Sequence[Tensor], data: SeqSet) -> Tensor:
-        """``(1,)``: the mean retain log-likelihood. Exact for the retain NLL term, which only takes a mean."""
-        return (data.counts(self.K).mean(0) @ F.log_softmax(self.row_logits(params), -1).reshape(-1))[None]
+        """``(*replicas, 1)``: the mean retain log-likelihood (exact for the retain NLL term, which takes a mean)."""
+        mean, flat = data.count_stats(self.K)[0], self._flat_logp(params)
+        return (mean @ flat)[None] if flat.ndim == 1 else (flat @ mean)[..., None]
 
     def retain_logits(self, params: Sequence[Tensor], data: SeqSet) -> tuple[Tensor, Tensor]:
         """The ``K+1`` distinct rows with their prefix counts as weights: ``losses.kl`` then equals the
         per-position average over every retain prefix, exactly, at a fraction of the cost."""
-        return self.row_logits(params), data.counts(self.K).sum(0).reshape(self.K + 1, self.K).sum(1)
+        return self.row_logits(params), data.count_stats(self.K)[1].reshape(self.K + 1, self.K).sum(1)
+
+    def vjp(self, params: Sequence[Tensor], data: dict[str, SeqSet], cotangents: dict[str, Tensor]) -> list[Tensor]:
+        """Closed-form chain rule: ``Σ_k ⟨cotangent_k, ∂input_k/∂params⟩`` for the inputs above.
+
+        Every input is linear in the log-softmax table ``S = log_softmax(Z)`` (``Z`` = the row logits),
+        ``input = C @ S.reshape(-1)`` for a count matrix ``C``; so the pulled-back weights are
+        ``N = Σ_k cotangent_kᵀ C_k`` (a ``(K+1, K)`` table of weighted counts) and
+        ``∂/∂Z = N − rowsum(N)·softmax(Z)``. ``retain_logits`` is ``Z`` itself: its cotangent adds to ``∂/∂Z``
+        directly. ``data`` names the sequences of each input (``logp``, ``idk_logp``, ``retain_logp``).
+        """
+        Z = self.row_logits(params)
+        N = torch.zeros_like(Z)
+        for key in ("logp", "idk_logp"):
+            if key in cotangents:
+                cot = cotangents[key].to(Z.dtype)
+                if cot.ndim == 1:
+                    u, inv = data[key].unique_counts(self.K)
+                    N = N + (torch.zeros(len(u), dtype=u.dtype).index_add_(0, inv, cot) @ u).reshape(Z.shape)
+                else:  # replicas: Cᵀ·cot on the sparse counts
+                    ct = data[key].sparse_counts(self.K)[1]
+                    N = N + (ct @ cot.reshape(-1, cot.shape[-1]).T).T.reshape(Z.shape)
+        if "retain_logp" in cotangents:
+            mean = data["retain_logp"].count_stats(self.K)[0].reshape(Z.shape[-2:])
+            N = N + cotangents["retain_logp"].sum(-1)[..., None, None] * mean
+        gz = N - N.sum(-1, keepdim=True) * torch.softmax(Z, -1)
+        if "retain_logits" in cotangents:
+            gz = gz + cotangents["retain_logits"]
+        return [gz[..., 0, :], gz[..., 1:, :]]
 
     def contexts(self, data: SeqSet) -> tuple[Tensor, Tensor, Tensor]:
         """Distinct prediction contexts of ``data``: (chain-row index ``(C,)``, number of prefixes ``(C,)``,
@@ -181,16 +240,112 @@ def chain_kl(chain: Chain, model_rows_logp: Tensor, length: int) -> Tensor:
     ``KL = KL(π0 ‖ q0) + Σ_{t=0}^{L-2} Σ_s μ_t(s)·KL(P_s ‖ Q_s)`` with visitation ``μ_t = π0 Pᵗ``.
     """
     P = rows_tensor(chain)
-    row_kl = (torch.xlogy(P, P) - P * model_rows_logp.to(P)).sum(-1)  # (K+1,)
-    mu, total = P[0], row_kl[0]
+    row_kl = (torch.xlogy(P, P) - P * model_rows_logp.to(P)).sum(-1)  # (*replicas, K+1)
+    mu, total = P[0], row_kl[..., 0]
     for _ in range(length - 1):
-        total = total + mu @ row_kl[1:]
+        total = total + (mu @ row_kl[1:] if row_kl.ndim == 1 else row_kl[..., 1:] @ mu)
         mu = mu @ P[1:]
     return total / length
 
 
 def weighted_kl(true_p: Tensor, model_logp: Tensor, weight: Tensor) -> Tensor:
-    """``Σ_c w_c KL(true_c ‖ model_c) / Σ_c w_c`` over contexts ``c`` (rows of ``(C, K)`` tensors)."""
+    """``Σ_c w_c KL(true_c ‖ model_c) / Σ_c w_c`` over contexts ``c`` (rows of ``(C, K)`` tensors; ``model_logp``
+    may carry leading replica axes, which are kept)."""
     per = (torch.xlogy(true_p, true_p) - true_p * model_logp.to(true_p)).sum(-1)
     w = weight.to(per)
-    return (per * w).sum() / w.sum()
+    return (per * w).sum(-1) / w.sum()
+
+
+# ==================================================================================================
+# adapter for npo_sim.unlearn.run, and the exact metrics
+# ==================================================================================================
+class MarkovAdapter:
+    """Turns params into the objective's inputs on the forget/retain train sets (optionally minibatched)."""
+
+    def __init__(self, model, forget: SeqSet, retain: SeqSet, idk: SeqSet | None, evaluator: Evaluator,
+                 batch_size: int = 0, seed: int = 0) -> None:
+        self.model, self.forget, self.retain, self.idk, self.evaluator = model, forget, retain, idk, evaluator
+        self.batch_size, self.seed = batch_size, seed
+        self._fi = self._ri = None  # current minibatch (None = full batch)
+
+    def select(self, step: int, ref: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.batch_size:
+            return ref
+        rng = np.random.default_rng((self.seed, step))
+        self._fi = torch.as_tensor(rng.choice(len(self.forget), min(self.batch_size, len(self.forget)), replace=False))
+        self._ri = torch.as_tensor(rng.choice(len(self.retain), min(self.batch_size, len(self.retain)), replace=False))
+        pick = {"logp_ref": self._fi, "idk_logp_ref": self._fi, "retain_ref_logits": self._ri}
+        return {k: v[pick[k]] for k, v in ref.items()}
+
+    def _sub(self, data: SeqSet | None, idx) -> SeqSet | None:
+        return data if idx is None or data is None else data.subset(idx)
+
+    def inputs(self, params: Sequence[Tensor], keys: frozenset[str]) -> dict[str, Tensor]:
+        forget, retain = self._sub(self.forget, self._fi), self._sub(self.retain, self._ri)
+        out: dict[str, Tensor] = {}
+        if "logp" in keys:
+            out["logp"] = self.model.seq_logp(params, forget)
+        if "length" in keys:
+            out["length"] = forget.lengths.to(torch.get_default_dtype())
+        if "idk_logp" in keys:
+            out["idk_logp"] = self.model.seq_logp(params, self._sub(self.idk, self._fi))
+        if "retain_logp" in keys:
+            out["retain_logp"] = self.model.retain_logp(params, retain)
+        if "retain_logits" in keys:
+            out["retain_logits"], out["retain_mask"] = self.model.retain_logits(params, retain)
+        return out
+
+    def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        return self.evaluator(params)
+
+
+class TabularAdapter(MarkovAdapter):
+    """The tabular model's adapter with the closed-form chain rule (:meth:`TabularModel.vjp`): the loop
+    then runs autograd only through the loss, never through the model. :class:`MarkovAdapter` on the same
+    model is the autograd reference a test compares it with."""
+
+    def vjp(self, params: Sequence[Tensor], inputs: dict[str, Tensor], cotangents: dict[str, Tensor]) -> list[Tensor]:
+        data = {"logp": self._sub(self.forget, self._fi), "idk_logp": self._sub(self.idk, self._fi),
+                "retain_logp": self._sub(self.retain, self._ri)}
+        return self.model.vjp(params, data, cotangents)
+
+
+#: model kind -> its adapter class
+ADAPTERS = {"tabular": TabularAdapter, "transformer": MarkovAdapter}
+
+
+class Evaluator:
+    """Exact metrics of a parameter list over the test prefixes. Truths (true chains, oracle) are
+    precomputed once per prediction context (``model.contexts``: every prefix for the transformer, the
+    ``K+1`` distinct rows for the tabular model — the same average, computed exactly either way)."""
+
+    def __init__(self, model, chains: dict[str, Chain], test: dict[str, SeqSet], forget_eval: dict[str, SeqSet],
+                 params0: Sequence[Tensor], oracle: Sequence[Tensor], lengths: dict[str, int]) -> None:
+        self.model, self.chains, self.test, self.forget_eval, self.lengths = model, chains, test, forget_eval, lengths
+        self.params0 = [p.detach().clone() for p in params0]
+        self.ctx = {s: model.contexts(d) for s, d in test.items()}
+        with torch.no_grad():
+            self.true_p = {s: rows_tensor(chains[s])[self.ctx[s][0]] for s in test}
+            self.oracle_p = {s: model.context_logprobs(oracle, d).double().exp() for s, d in test.items()}
+
+    @torch.no_grad()
+    def __call__(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for s, d in self.test.items():
+            _, w, counts = self.ctx[s]
+            lp = self.model.context_logprobs(params, d).double()
+            out[f"kl_{s}_true"] = weighted_kl(self.true_p[s], lp, w)
+            out[f"kl_{s}_oracle"] = weighted_kl(self.oracle_p[s], lp, w)
+            out[f"ll_{s}_test"] = (counts * lp).sum((-2, -1)) / w.sum()
+        if self.model.kind == "tabular":
+            rows_lp = F.log_softmax(self.model.row_logits(params), -1)
+            for s, c in self.chains.items():
+                out[f"ckl_{s}"] = chain_kl(c, rows_lp, self.lengths[s])
+        logps = {s: self.model.seq_logp(params, d) for s, d in self.forget_eval.items()}
+        for s, v in logps.items():
+            out[f"logp_{s}"] = v.mean(-1)
+        out["logp_forget"] = torch.cat(list(logps.values()), -1).mean(-1)
+        lead = params[0].ndim - self.params0[0].ndim  # replica axes (0 for one run)
+        sq = [(p - p0) ** 2 for p, p0 in zip(params, self.params0)]
+        out["param_dist"] = torch.sqrt(sum(d.sum(tuple(range(lead, d.ndim))) if lead else d.sum() for d in sq))
+        return {k: v.double() for k, v in out.items()}
