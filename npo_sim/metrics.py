@@ -15,7 +15,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats
+
+
+def _stats():
+    """scipy.stats, imported on first use (it costs ~0.5 s, and most settings only need the fits)."""
+    from scipy import stats
+
+    return stats
 
 
 def mean_kl(p, q, axis: int = -1, eps: float = 0.0) -> float:
@@ -50,7 +56,7 @@ def ks_pvalue(a, b) -> float:
         raise ValueError("ks_pvalue: both samples must be non-empty")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("ks_pvalue: samples contain NaN or inf")
-    return float(stats.ks_2samp(a, b).pvalue)
+    return float(_stats().ks_2samp(a, b).pvalue)
 
 
 def harmonic_mean(values) -> float:
@@ -60,7 +66,7 @@ def harmonic_mean(values) -> float:
         raise ValueError(f"harmonic_mean: need finite non-negative values, got {v.tolist()}")
     if (v == 0).any():
         return 0.0
-    return float(stats.hmean(v))
+    return float(_stats().hmean(v))
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def auc(member_scores, nonmember_scores) -> float:
     b = np.asarray(nonmember_scores, dtype=float).ravel()
     if a.size == 0 or b.size == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("auc: both score sets must be non-empty and finite")
-    ranks = stats.rankdata(np.concatenate([a, b]))   # average ranks: a tie counts ½
+    ranks = _stats().rankdata(np.concatenate([a, b]))   # average ranks: a tie counts ½
     return float((ranks[: a.size].sum() - a.size * (a.size + 1) / 2) / (a.size * b.size))
 
 
@@ -246,7 +252,7 @@ def _ks_statistics_brute(n: int, m: int) -> dict[float, tuple[np.ndarray, np.nda
     for xs_pos in itertools.combinations(range(n + m), n):
         xs = np.array(xs_pos, dtype=float)
         ys = np.array(sorted(set(range(n + m)) - set(xs_pos)), dtype=float)
-        d = round(float(stats.ks_2samp(xs, ys).statistic), 12)
+        d = round(float(_stats().ks_2samp(xs, ys).statistic), 12)
         found.setdefault(d, (xs, ys))
     return found
 
@@ -266,4 +272,4 @@ def ks_attainable_pvalues(n: int, m: int) -> np.ndarray:
         witnesses = list(_ks_statistics_brute(n, m).values())
     else:
         raise ValueError(f"ks_attainable_pvalues: sizes {n} != {m} too large to enumerate")
-    return np.unique([stats.ks_2samp(x, y).pvalue for x, y in witnesses])
+    return np.unique([_stats().ks_2samp(x, y).pvalue for x, y in witnesses])
