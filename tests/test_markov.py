@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from npo_sim import claims as C
-from npo_sim import cli, unlearn
+from npo_sim import cli, metrics, unlearn
 from npo_sim.losses import get_objective, kl
 from npo_sim.runio import UserError
 from npo_sim.settings import markov as M
 from npo_sim.settings import markov_chains as MC
 from npo_sim.settings import markov_findings as MF
+from npo_sim.settings import markov_privacy as P
 from npo_sim.study import run_study
 
 
@@ -158,6 +159,9 @@ def test_transformer_minibatch_references_align_and_preset_runs(tmp_path):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["config"]["forget2_length"] == 5 and set(saved["methods"]) == {"npo", "simnpo_rt", "npo_kl"}
     assert summary["pretrain"]["method"] == "AdamW"
+    privacy = __import__("pandas").read_csv(tmp_path / "run" / "privacy.csv")  # the transformer is scored too
+    assert set(privacy.model) == {"transformer"} and set(privacy.method) == {"oracle", "npo", "simnpo_rt", "npo_kl"}
+    assert privacy.mia_auc_loss.between(0, 1).all() and set(summary["privacy"]["end_step"].values()) == {6}
 
 
 def test_select_hook_gives_same_curve_as_full_batch_when_batch_is_everything():
@@ -293,8 +297,8 @@ def _small_tabular():
     target, _ = model.pretrain(MC.SeqSet.cat(list(train.values())))
     forget = MC.SeqSet.cat([train["forget1"], train["forget2"]])
     idk = MC.SeqSet(torch.full_like(forget.seqs, 9), forget.lengths)
-    ev = M.Evaluator(model, chains, {s: d[1] for s, d in data.items()}, {"forget1": train["forget1"]}, target, target,
-                     {s: 20 for s in MC.SOURCES})
+    ev = M.Snapshots(M.Evaluator(model, chains, {s: d[1] for s, d in data.items()}, {"forget1": train["forget1"]},
+                                 target, target, {s: 20 for s in MC.SOURCES}))
     return model, forget, train["retain"], idk, ev, target
 
 
@@ -327,7 +331,10 @@ def test_tabular_closed_form_runs_match_the_autograd_reference_and_batched_match
         for k in runs[0]:
             assert np.allclose(runs[0][k], runs[1][k], rtol=1e-11, atol=1e-12), (method, k)
     batched = M._unlearn_batched(cfg, model, forget, retain, idk, ev, target)
+    finals = dict(ev.final)
     separate = M._unlearn_each(cfg, model, forget, retain, idk, ev, target, False, {})
+    for m in methods:  # the snapshot of replica r is method r's last-step parameters
+        assert all(torch.allclose(a, b, rtol=1e-11, atol=1e-12) for a, b in zip(finals[m], ev.final[m])), m
     assert len(batched) == len(separate) == len(methods)
     for b, s in zip(batched, separate):
         assert list(b.columns) == list(s.columns)
@@ -344,3 +351,62 @@ def test_a_diverging_batch_falls_back_to_one_run_per_method(monkeypatch):
     monkeypatch.setattr(M, "_unlearn_batched", boom)
     curves, diverged = M._unlearn_all(cfg, model, forget, retain, idk, ev, target, False)
     assert list(curves.method.unique()) == list(cfg.methods) and diverged == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# memorization and privacy (issue 14): exact memorization and MIA AUC, forget train vs forget test
+# --------------------------------------------------------------------------------------------------
+def test_privacy_scores_equal_hand_computed_values_on_a_two_state_model():
+    init, trans = np.array([0.75, 0.25]), np.array([[0.25, 0.75], [0.6, 0.4]])
+    chain = MC.Chain("c", init, trans)
+    params = [torch.log(torch.tensor(init)), torch.log(torch.tensor(trans))]
+    model = MC.TabularModel(2)
+    members = MC.SeqSet.of(np.array([[0, 1, 0], [0, 1, 1]]))
+    nonmembers = MC.SeqSet.of(np.array([[0, 0, 1], [0, 1, 0]]))
+    lp, hits = P.token_scores(model, params, members)
+    assert torch.allclose(lp, torch.log(torch.tensor([[0.75, 0.75, 0.6], [0.75, 0.75, 0.4]], dtype=torch.float64)))
+    assert hits.tolist() == [[True, True, True], [True, True, False]]  # argmax: start 0, 0 -> 1, 1 -> 0
+    got = P.score(model, params, members, nonmembers, chain)
+    assert got["exact_memorization"] == pytest.approx((1 + 2 / 3) / 2)
+    # mean log-probs: members A=[0,1,0] -0.362, B=[0,1,1] -0.497; non-members C=[0,0,1] -0.654, D=A (a tie)
+    # pairs: A>C, A=D (1/2), B>C, B<D -> 2.5/4
+    assert got["mia_auc_loss"] == pytest.approx(0.625)
+    assert got["mia_auc_ref_true"] == pytest.approx(0.5)  # the model is the chain: every score is 0, all ties
+    assert metrics.privleak(got["mia_auc_loss"], 0.5) == pytest.approx(25.0)
+
+
+def test_target_trained_on_few_forget_sequences_is_detected_and_the_oracle_is_at_chance():
+    chains = MC.make_chains(30, 8, 0.5)   # many states, few sequences: the MLE memorizes its members
+    rng = np.random.default_rng(0)
+    retain = MC.SeqSet.of(MC.sample(chains["retain"], 500, 20, rng))
+    members = MC.SeqSet.of(MC.sample(chains["forget1"], 50, 20, rng))
+    nonmembers = MC.SeqSet.of(MC.sample(chains["forget1"], 500, 20, rng))
+    model = MC.TabularModel(30, 0.01)
+    target, _ = model.pretrain(MC.SeqSet.cat([retain, members]))
+    oracle, _ = model.pretrain(retain)
+    t = P.score(model, target, members, nonmembers, chains["forget1"])
+    o = P.score(model, oracle, members, nonmembers, chains["forget1"])
+    assert t["mia_auc_loss"] > 0.7 and t["mia_auc_ref_true"] > 0.65
+    assert abs(o["mia_auc_loss"] - 0.5) < 0.1 and abs(o["mia_auc_ref_true"] - 0.5) < 0.1
+    assert t["exact_memorization"] > o["exact_memorization"]
+    assert metrics.privleak(t["mia_auc_loss"], o["mia_auc_loss"]) > 30
+
+
+def test_a_run_writes_a_privacy_table_and_summary_block(tmp_path):
+    cfg = M.make_config("length", n_retain=200, n_forget1=100, n_forget2=100, steps=8, lr=1.0, methods=("ga", "npo"),
+                        n_records=3, linear_records=0)
+    res = run_study(M.STUDY, cfg, tmp_path / "run", None).results
+    table = __import__("pandas").read_csv(tmp_path / "run" / "privacy.csv")
+    assert list(table.columns) == P.COLUMNS and len(table) == 2 * (1 + 2 * 2)
+    oracle = table[table.method == "oracle"]
+    assert (oracle.privleak == 0).all() and set(oracle.forget_set) == {"forget1", "forget2"}
+    start = table[(table.method != "oracle") & (table.step == 0)]
+    for s in ("forget1", "forget2"):  # step 0 is the target for every method
+        assert start[start.forget_set == s][["exact_memorization", "mia_auc_loss"]].nunique().max() == 1
+    assert set(table.step) == {0, 8}
+    block = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
+    assert block == json.loads(json.dumps(res.summary["privacy"]))
+    ga = block["methods"]["ga"]["forget1"]
+    end = table[(table.method == "ga") & (table.step == 8) & (table.forget_set == "forget1")].iloc[0]
+    assert ga["end"]["mia_auc_loss"] == pytest.approx(end.mia_auc_loss) and block["end_step"] == {"ga": 8, "npo": 8}
+    assert ga["end"]["exact_memorization"] < ga["target"]["exact_memorization"]  # GA un-learns the forget chain

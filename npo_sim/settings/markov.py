@@ -29,7 +29,8 @@ Metrics at every record step (all exact given the sampled test sets): next-state
 averaged over all prefixes of the test sequences of each source, where truth is the true chain of that
 source or the oracle model; per-token test log-likelihood; mean summed log-likelihood of the forget
 train sequences; ``‖θ_t − θ_0‖``; and for the tabular model the closed-form per-token sequence KL
-``KL(chain ‖ model)/L``. What each preset concludes is in ``markov_findings``.
+``KL(chain ‖ model)/L``. What each preset concludes is in ``markov_findings``. At step 0 and the last
+step, the ``privacy`` table (``markov_privacy``): exact memorization, LOSS-attack MIA AUC and privleak.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from .markov_chains import (  # noqa: F401  (re-exported: tests and notebooks us
     sample,
 )
 from .markov_findings import DIVERGENCE_LAWS, FINDINGS, figure_name, method_summary
+from .markov_privacy import Snapshots, run_privacy
 from .markov_transformer import TransformerConfig, TransformerModel
 
 #: methods whose forget term reads the IDK answer (they need the no-chain state)
@@ -268,6 +270,7 @@ def _unlearn_batched(cfg: MarkovConfig, model, forget, retain, idk, evaluator, t
     adapter = TabularAdapter(model, forget, retain, idk, evaluator)
     res = unlearn.run(adapter, MethodBatch(objs), params0, steps=cfg.steps, record_at=record_steps(cfg),
                       lr=torch.tensor(lrs, dtype=torch.float64))
+    evaluator.keep(cfg.methods, replicas=True)
     table = pd.DataFrame(res)
     frames = []
     for r, (method, obj) in enumerate(zip(cfg.methods, objs)):
@@ -292,6 +295,7 @@ def _unlearn_each(cfg: MarkovConfig, model, forget, retain, idk, evaluator, targ
                               optimizer=opt(cfg.lr) if opt else None)
         except NonFiniteLoss as exc:
             res, diverged[method] = exc.rows, exc.step
+        evaluator.keep([method])
         frames.append(pd.DataFrame(res).drop(columns="replica").assign(method=method))
         if progress:
             print(f"  {method}: {time.perf_counter() - t1:.1f}s", flush=True)
@@ -338,8 +342,8 @@ def simulate(cfg: MarkovConfig, progress: bool = False) -> Results:
     idk = SeqSet(torch.full_like(forget.seqs, cfg.n_states - 1), forget.lengths) \
         if cfg.n_states > 3 * cfg.group_size else None
     lengths = {"retain": cfg.length, "forget1": cfg.length, "forget2": cfg.forget2_length}
-    evaluator = Evaluator(model, chains, {s: _cap(data[s][1], cfg.eval_max) for s in SOURCES},
-                          {s: _cap(train[s], cfg.eval_max) for s in ("forget1", "forget2")}, target, oracle, lengths)
+    evaluator = Snapshots(Evaluator(model, chains, {s: _cap(data[s][1], cfg.eval_max) for s in SOURCES},
+                          {s: _cap(train[s], cfg.eval_max) for s in ("forget1", "forget2")}, target, oracle, lengths))
     reference = {name: {k: float(v) for k, v in evaluator(p).items()}
                  for name, p in (("target", target), ("oracle", oracle))}
     curves, diverged = _unlearn_all(cfg, model, forget, train["retain"], idk, evaluator, target, progress)
@@ -352,7 +356,8 @@ def simulate(cfg: MarkovConfig, progress: bool = False) -> Results:
         "diverged_at_step": diverged,
     }
     summary["findings"] = FINDINGS[cfg.preset].analyse(cfg, curves, summary)
-    return Results({"curves": curves}, summary)
+    privacy, summary["privacy"] = run_privacy(model, cfg.model, chains, evaluator, target, oracle, curves)
+    return Results({"curves": curves, "privacy": privacy}, summary)
 
 
 # ==================================================================================================
