@@ -52,7 +52,8 @@ def main(args) -> int:
                       length=args.length, steps=args.steps, lr=args.lr, beta=args.beta)
     run = run_study(STUDY, cfg, args.out, args.figures or None, progress=True)
     print(format_summary(run))
-    print(f"wrote {Path(args.out) / 'curves.csv'}, summary.json, claims.json, {run.figures[0].name}")
+    tables = ", ".join(f"{name}.csv" for name in run.results.tables)
+    print(f"wrote {Path(args.out)}/: {tables}, summary.json, claims.json, {run.figures[0].name}")
     return 0
 
 
