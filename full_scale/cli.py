@@ -85,6 +85,8 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate (full_scale.evaluate.evaluate_epoch) after every epoch")
     p.add_argument("--eval-ds-size", type=int, default=None, help="questions per eval set (default: TOFU's 300)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="per-epoch eval batch (default 16)")
+    p.add_argument("--eval-gen-batch-size", type=int, default=None,
+                   help="per-epoch eval: batch of the greedy answers (default: --eval-batch-size)")
     p.add_argument("--eval-max-new-tokens", type=int, default=None,
                    help="greedy answer length for the per-epoch ROUGE (default 128)")
     p.add_argument("--retain-log", default=None,
@@ -121,6 +123,7 @@ def unlearn_job(args) -> C.TrainJob:
     if args.eval_every_epoch:
         ev = C.epoch_eval_spec(run, spec, args.retain_log, ds_size=args.eval_ds_size,
                                batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
+                               gen_batch_size=args.eval_gen_batch_size,
                                allow_mismatched_logs=args.allow_mismatched_logs or None)
     return C.TrainJob(run, spec, ev)
 
@@ -150,8 +153,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="TOFU data directory (default: $NPO_TOFU_DIR)")
     p.add_argument("--ds-size", type=int, default=300, help="questions per eval set (TOFU: 300)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size of NLL and generation")
+    p.add_argument("--gen-batch-size", type=int, default=None,
+                   help="batch of the greedy answers (default: --batch-size); the answers do not depend on it, "
+                        "and on CPU small models decode fastest with all questions in one batch")
     p.add_argument("--max-new-tokens", type=int, default=128, help="greedy generation length for ROUGE")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--allow-mismatched-logs", action="store_true",
                    help="accept a --retain-log whose forget set has another sample count than this eval "
                         "(a note in summary.json instead of an error)")
@@ -163,9 +170,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def eval_job(args) -> C.EvalJob:
     spec = C.EvalSpec(forget_split=args.forget_split, retain_log=args.retain_log, data_dir=args.data_dir,
                       ds_size=args.ds_size, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      allow_mismatched_logs=args.allow_mismatched_logs)
+                      allow_mismatched_logs=args.allow_mismatched_logs, gen_batch_size=args.gen_batch_size)
     return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device,
-                     allow_pickle_weights=args.allow_pickle_weights)
+                     allow_pickle_weights=args.allow_pickle_weights, threads=args.threads)
 
 
 def eval_main(args) -> int:

@@ -151,9 +151,12 @@ class EvalSpec:
     batch_size: int = 16
     max_new_tokens: int = 128
     allow_mismatched_logs: bool = False  #: retain log with another forget sample count: a note, not an error
+    gen_batch_size: int | None = None  #: greedy generation's batch (default: batch_size); same answers at any size
 
     def __post_init__(self) -> None:
         _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens"))
+        if self.gen_batch_size is not None:
+            _at_least_1(self, ("gen_batch_size",))
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class EvalJob:
     eval: EvalSpec
     device: str | None = None  #: default: cuda if available, else cpu
     allow_pickle_weights: bool = False  #: load a local pickle-only (pytorch_model.bin) --model
+    threads: int | None = None  #: torch threads per process (as Launch.threads; not in the results)
 
     def to_json(self) -> dict:
         return {"command": "eval", "model": self.model, "out": self.out, "device": self.device,

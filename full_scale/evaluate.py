@@ -142,14 +142,17 @@ def rouge_recall(generated: list[str], answers: list[str]) -> tuple[list[float],
 
 
 def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, batch_size: int = 16,
-                   max_new_tokens: int = 128) -> dict:
+                   max_new_tokens: int = 128, gen_batch_size: int | None = None) -> dict:
     """The TOFU per-sample log (dict layout, TOFU key names) of ``model`` on ``sets``.
 
     All NLLs of all sets are computed in one length-sorted pass over the unique (question, answer)
-    pairs (real authors/world facts have base answer = answer, scored once).
+    pairs (real authors/world facts have base answer = answer, scored once). The greedy answers of all
+    sets are decoded together, in length-sorted batches of ``gen_batch_size`` (default ``batch_size``;
+    the answers do not depend on it; on CPU a small model decodes fastest in large batches).
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size must be ≥ 1, got {batch_size}")
+    gen_batch_size = batch_size if gen_batch_size is None else gen_batch_size
+    if batch_size < 1 or gen_batch_size < 1:
+        raise UserError(f"batch sizes must be ≥ 1, got {batch_size} and {gen_batch_size}")
     fmt = get_format(fmt)
     was_training = model.training
     model.eval()
@@ -161,7 +164,7 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
                     pairs.setdefault((it.question, a), len(pairs))
         loss, count = answer_nll(model, tokenizer, fmt, list(pairs), batch_size)
         questions = [it.question for items in sets.values() for it in items]
-        gens = greedy_generate(model, tokenizer, fmt, questions, batch_size, max_new_tokens)
+        gens = greedy_generate(model, tokenizer, fmt, questions, gen_batch_size, max_new_tokens)
     finally:
         model.train(was_training)
 
@@ -219,7 +222,8 @@ def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared=None) -> tuple[dict
     :func:`prepare_eval` result to reuse."""
     retain_log, (sets, sources, notes) = prepared or prepare_eval(spec)
     t0 = time.perf_counter()
-    log = evaluate_model(model, tokenizer, fmt, sets, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens)
+    log = evaluate_model(model, tokenizer, fmt, sets, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
+                         gen_batch_size=spec.gen_batch_size)
     seconds = time.perf_counter() - t0
     stats = aggregate(log, retain_log, ckpt_name="evaluated model", retain_name="retain log")
     summary = {
@@ -244,6 +248,8 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
     if job.device and job.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {job.device}: CUDA is not available on this machine")
     prepared = prepare_eval(job.eval)
+    if job.threads:  # as the training commands (full_scale.train.run): before any model work
+        torch.set_num_threads(job.threads)
     model, tokenizer, fmt = load_model(job.model, device=job.device, data_dir=job.eval.data_dir,
                                        allow_pickle=job.allow_pickle_weights)
     log, summary = run_eval(model, tokenizer, fmt, job.eval, prepared)

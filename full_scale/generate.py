@@ -4,9 +4,10 @@ Used by the evaluation (ROUGE answers) and by the collapse detector of unlearnin
 encoded exactly as in training (:func:`full_scale.data.encode_prompt`), sorted by length and
 left-padded per batch; position ids follow the attention mask, so a padded row decodes the same
 tokens as the row alone. The first forward reads the whole prompt and keeps its keys and values;
-every later step feeds one token per row. A row stops at EOS (not included); finished rows are fed
-the pad token until the whole batch is done. This is what ``model.generate(do_sample=False)`` does,
-token for token, without its configuration surface.
+every later step feeds one token per row. A row stops at EOS (not included) and leaves the batch:
+its row is dropped from the inputs and from the KV cache, so later steps compute only unfinished
+rows, and decode the same tokens (tests compare with one-at-a-time decoding). This is what
+``model.generate(do_sample=False)`` does, token for token, without its configuration surface.
 """
 
 from __future__ import annotations
@@ -34,26 +35,31 @@ def _cache_names(model) -> tuple[str, dict]:
 
 @torch.no_grad()
 def _decode_batch(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int) -> list[list[int]]:
-    dev, B = _device(model), len(prompts)
+    dev = _device(model)
     T = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=dev)
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)
     pos = position_ids_from_mask(mask)
     cache_name, keep = _cache_names(model)
     new: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    alive = list(range(len(prompts)))  # batch row -> prompt; finished rows leave the batch (and the cache)
     cache = None
     for _ in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache}, **keep)
         cache = out[cache_name]
         nxt = out.logits[:, -1].argmax(-1)
-        done_before = done.clone()
-        done |= nxt == eos_id
-        for b in (~done).nonzero().flatten().tolist():
-            new[b].append(int(nxt[b]))
-        if bool(done.all()):
+        tokens = nxt.tolist()
+        going = [r for r, t in enumerate(tokens) if t != eos_id]
+        for r in going:
+            new[alive[r]].append(tokens[r])
+        if not going:
             break
-        ids = torch.where(done_before, torch.full_like(nxt, pad_id), nxt)[:, None]
+        if len(going) < len(alive):
+            sel = torch.tensor(going, device=dev)
+            cache.batch_select_indices(sel)
+            nxt, mask, pos = nxt[sel], mask[sel], pos[sel]
+            alive = [alive[r] for r in going]
+        ids = nxt[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
     return new

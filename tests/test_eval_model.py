@@ -156,6 +156,58 @@ def test_kv_cache_decoder_equals_no_cache_and_generate(tiny):
         [_greedy_one_ids(model, tok, fmt, q, 32) for q in questions[:4]]
 
 
+def test_sorted_batches_decode_in_the_original_order_and_drop_finished_rows(tiny):
+    """Sorted-length batches, finished rows dropped from the batch and the KV cache: the same tokens as
+    one-at-a-time greedy decoding, returned in the caller's order, for any batch size."""
+    model, tok, fmt, sets = tiny
+    questions = [it.question for items in sets.values() for it in items]
+    questions = [questions[i] for i in np.random.default_rng(0).permutation(len(questions))]  # unsorted
+    one = [_greedy_one_ids(model, tok, fmt, q, 24) for q in questions]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        for bs in (3, 7, len(questions)):
+            widths.clear()
+            ids = G.greedy_ids(model, tok, fmt, questions, batch_size=bs, max_new_tokens=24)
+            assert ids == one, bs
+            steps = list(widths)
+            assert G.greedy_generate(model, tok, fmt, questions, bs, 24) == \
+                [tok.decode(a, skip_special_tokens=True) for a in one]
+        # in the one-batch run, rows leave as they reach EOS: the batch narrows step by step
+        assert steps[0] == len(questions) and steps[-1] < steps[0]
+        assert sorted(steps, reverse=True) == steps
+        assert sum(steps) < len(questions) * len(steps)
+    finally:
+        hook.remove()
+    assert len({len(a) for a in one}) > 3 and max(len(a) for a in one) <= 24
+    # the evaluation's own generation batch (--gen-batch-size): the same log at any size
+    logs = [E.evaluate_model(model, tok, fmt, sets, batch_size=4, max_new_tokens=24, gen_batch_size=g)
+            for g in (None, 1, 16)]
+    assert logs[1] == logs[0] and logs[2] == logs[0]
+
+
+def test_eval_sets_threads_like_the_training_commands(ckpt, tofu_data_dir, tmp_path):
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", str(ckpt), "--forget-split", "mini-forget10", "--ds-size", "1", "--max-new-tokens",
+            "4", "--data-dir", str(tofu_data_dir), "--out", str(out)]
+    torch.set_num_threads(2)
+    assert cli.main(argv + ["--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    assert "threads" not in json.loads((out / "summary.json").read_text())["config"]  # results don't depend on it
+    # same flag, default and help as finetune/unlearn (whose Launch.threads also covers --eval-every-epoch)
+    p = cli.parser()
+    acts = {c: {a.dest: a for a in p._subparsers._group_actions[0].choices[c]._actions}["threads"]
+            for c in ("eval", "finetune", "unlearn")}
+    assert {(a.default, a.help, a.type) for a in acts.values()} == {(None, "torch threads per process", int)}
+    args = p.parse_args(["unlearn", "--preset", "mini", "--model", "m", "--method", "npo", "--out", "o",
+                         "--threads", "2", "--eval-every-epoch", "--retain-log", "r.json",
+                         "--eval-gen-batch-size", "8"])
+    assert cli._launch(args).threads == 2 and cli.unlearn_job(args).eval.gen_batch_size == 8
+    assert cli.eval_job(p.parse_args(argv + ["--gen-batch-size", "5"])).eval.gen_batch_size == 5
+    with pytest.raises(UserError, match="gen_batch_size"):
+        EvalSpec("mini-forget10", gen_batch_size=0)
+
+
 def test_rouge_recall_with_stemming():
     r1, rl = E.rouge_recall(["the cats were running home", "nothing here"], ["cat runs home", "a b"])
     assert rl[0] == pytest.approx(1.0)  # cats->cat, running/runs->run: LCS covers the whole target
