@@ -277,10 +277,11 @@ def _fmt_ci(lohi, fmt: str = ".3g", low_inf: str = "∞") -> str:
 
 
 def _describe_below(f: dict) -> str:
-    steps = ", ".join(f"{k}:{'—' if v is None else v} {_fmt_ci(f['first_step_ci'][k], '.0f')}"
-                      for k, v in f["first_step"].items())
+    def one(k: str, v) -> str:   # a seed mean that never gets there has no CI worth printing
+        return f"{k}:—" if v is None else f"{k}:{v} {_fmt_ci(f['first_step_ci'][k], '.0f')}"
+    steps = ", ".join(one(k, v) for k, v in f["first_step"].items())
     seeds = ", ".join(f"{k} {v}" for k, v in f["seeds_reaching_by_horizon"].items())
-    return (f"first step < {f['threshold']:g} (seed mean, {COVERAGE:.0%} bootstrap CI over seeds): {steps}; "
+    return (f"first step < {f['threshold']:g} (seed mean, {COVERAGE:.0%} bootstrap CI over seeds; — never): {steps}; "
             f"seeds reaching it by step {f['horizon']}: {seeds}")
 
 
