@@ -144,14 +144,19 @@ def save_model(acc, model, tokenizer, path: Path, meta: dict) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    _write_model(acc, model, tokenizer, tmp, meta)
+    if acc.is_main_process:
+        _replace_dir(tmp, path)
+    acc.wait_for_everyone()
+
+
+def _write_model(acc, model, tokenizer, tmp: Path, meta: dict) -> None:
+    """The (gathered) model, tokenizer and ``meta`` into a fresh temporary directory ``tmp`` (all ranks call it)."""
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     sd = acc.get_state_dict(model)
     save_checkpoint(acc.unwrap_model(model), tokenizer, tmp, meta, state_dict=sd, is_main_process=acc.is_main_process)
-    if acc.is_main_process:
-        _replace_dir(tmp, path)
-    acc.wait_for_everyone()
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -171,11 +176,7 @@ def save(acc, model, tokenizer, opt, sched, out: Path, epoch: int, state: dict, 
     """Checkpoint ``epoch`` atomically and keep only the last ``keep`` checkpoints."""
     path = out / "checkpoints" / f"epoch-{epoch}"
     tmp = out / "checkpoints" / f".epoch-{epoch}.tmp"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    sd = acc.get_state_dict(model)
-    save_checkpoint(acc.unwrap_model(model), tokenizer, tmp, meta, state_dict=sd, is_main_process=acc.is_main_process)
+    _write_model(acc, model, tokenizer, tmp, meta)
     if acc.is_main_process:
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
                    tmp / "trainer_state.pt")
