@@ -10,6 +10,13 @@ Same tiny-llama checkpoint and tofu-mini eval sets as before. Recorded, all in p
 - where generation's time goes: forward calls, seconds per call of a batch-1 decode step (the
   per-step Python/HF overhead), and generation at other batch sizes.
 
+``--metrics`` instead times one whole ``npo-tofu eval`` of the checkpoint (``run_eval``: passes, aggregation
+and, after, the metrics of :mod:`full_scale.extra_metrics`) before and after issue 14 in the same process:
+"before" is ``EvalSpec(extra_metrics=False)`` (the code path of TOFU's metrics only, the same log),
+"after" the default, with the tofu-mini holdout, a judge model (a second copy of the checkpoint, as the
+study's oracle) and 1000 bootstrap resamples per CI. It writes ``bench/results/eval_metrics.json``
+with the ratio (goal ≤ 1.3) and checks that TOFU's four per-sample logs are unchanged.
+
 ``--naive`` also times the per-sample loop (every NLL and generation at batch 1) and checks that it gives
 the same metrics and texts (slow). ``--model DIR`` times an existing checkpoint.
 
@@ -157,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats (the minimum is kept)")
     ap.add_argument("--naive", action="store_true", help="also time the per-sample loop (slow)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="time npo-tofu eval without/with the metrics beyond FQ and MU -> results/eval_metrics.json")
     ap.add_argument("--label", default="after", help="key of this run in --out (before / after)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
@@ -172,6 +181,8 @@ def main(argv=None) -> int:
             _, setup_s, _ = _timed(lambda: make_checkpoint(Path(tmp) / "ckpt", data_dir, args.finetune_steps))
             ckpt = Path(tmp) / "ckpt"
         model, tok, fmt = load_model(str(ckpt), device="cpu")
+        if args.metrics:
+            return bench_metrics(args, model, tok, fmt, ckpt, data_dir, setup_s)
     model.eval()
     sets, sources, notes = E.eval_sets(SPLIT, data_dir, args.ds_size)
     questions = [it.question for v in sets.values() for it in v]
@@ -289,6 +300,74 @@ def main(argv=None) -> int:
           f"{s_per_call * 1e3:.2f} ms = {forward_calls * s_per_call:.2f} s -> {out}")
     ok = all(v["texts_equal"] for v in other_batches.values()) and gen_all.get("texts_equal", True)
     return 0 if ok and run.get("naive", {}).get("generations_equal", True) else 1
+
+
+def _log_diff(a: dict, b: dict) -> tuple[float, bool]:
+    """(max relative difference of TOFU's per-sample numbers (absolute below 1), whether every generated text
+    is equal)."""
+    diff, texts = 0.0, True
+    for key in A.TASKS:
+        for m, col in a[key].items():
+            for i, v in col.items():
+                w = b[key][m][i]
+                if m == "generated_text":
+                    texts &= v == w
+                elif isinstance(v, list):
+                    diff = max(diff, *(abs(x - y) / max(1.0, abs(x)) for x, y in zip(v, w)))
+                else:
+                    diff = max(diff, abs(v - w) / max(1.0, abs(v)))
+    return diff, texts
+
+
+def bench_metrics(args, model, tok, fmt, ckpt: Path, data_dir, setup_s: float) -> int:
+    """Eval seconds per checkpoint without and with the new metrics (same process, alternating, min of repeats)."""
+    from full_scale.config import EvalSpec
+    from full_scale.extra_metrics import EXTRA_KEY
+
+    model.eval()
+    common = dict(forget_split=SPLIT, data_dir=str(data_dir), ds_size=args.ds_size, batch_size=args.batch_size,
+                  max_new_tokens=args.max_new_tokens)
+    specs = {"before": EvalSpec(**common, extra_metrics=False), "after": EvalSpec(**common, judge_model=str(ckpt))}
+    prepared = {k: E.prepare_eval(v) for k, v in specs.items()}
+    E._judge(prepared["after"], model)  # the judge is loaded once per run (as the study's per-epoch eval), not timed
+    E.run_eval(model, tok, fmt, EvalSpec(**{**common, "ds_size": 1}))  # warm-up
+    times: dict[str, list] = {"before": [], "after": []}
+    logs = {}
+    for _ in range(args.repeats):
+        for k in ("before", "after"):
+            (log, summary), wall, cpu = _timed(lambda k=k: E.run_eval(model, tok, fmt, specs[k], prepared[k]))
+            times[k].append((wall, cpu))
+            logs[k] = log
+    diff, texts_same = _log_diff(logs["before"], logs["after"])
+    same = texts_same and diff < 1e-4
+    cpu = {k: min(c for _, c in v) for k, v in times.items()}
+    wall = {k: min(w for w, _ in v) for k, v in times.items()}
+    ratio = cpu["after"] / cpu["before"]
+    result = {
+        "what": "npo-tofu eval of one checkpoint (run_eval: NLL passes, greedy answers, aggregation), before = TOFU's "
+                "metrics only (EvalSpec(extra_metrics=False)), after = with exact memorization, extraction strength, "
+                "4 MIA AUCs against the tofu-mini holdout, fluency with a judge model and 1000-resample bootstrap CIs; "
+                "process CPU seconds, min of repeats, alternating in one process",
+        "model": str(args.model or f"tiny-llama:1m fine-tuned {args.finetune_steps} steps"),
+        "forget_split": SPLIT, "ds_size": args.ds_size, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "threads": args.threads,
+        "eval_cpu_s": cpu, "eval_wall_s": wall, "ratio_cpu": ratio, "ratio_wall": wall["after"] / wall["before"],
+        "goal_ratio": 1.3, "meets_goal": ratio <= 1.3,
+        "tofu_logs_unchanged": same, "tofu_logs_max_rel_diff": diff, "generated_texts_equal": texts_same,
+        "tofu_logs_note": "the holdout answers join the one length-sorted NLL pass, so batches pad differently: "
+                          "TOFU's numbers agree to float rounding, the greedy answers exactly",
+        "new_metrics": sorted(summary.get("ci", {})),
+        "holdout_questions": len(logs["after"][EXTRA_KEY]["holdout"]["num_tokens"]),
+        "checkpoint_setup_s": setup_s, "load_avg_1min": os.getloadavg()[0],
+        "machine_note": "2 cores shared with other jobs: CPU time and same-process ratios, not wall time",
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+        "command": ".venv/bin/python bench/bench_eval.py --metrics --ds-size 40 --threads 1",
+    }
+    out = Path(args.out) if args.out != str(OUT) else OUT.parent / "eval_metrics.json"
+    write_json(out, result)
+    print(f"eval per checkpoint: before {cpu['before']:.2f} s cpu, after {cpu['after']:.2f} s cpu: {ratio:.2f}x "
+          f"(goal <= 1.3); TOFU logs unchanged: {same} -> {out}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -194,6 +194,21 @@ def task_stats(t: TaskLog, task: str) -> dict[str, float]:
     }
 
 
+def sample_stats(t: TaskLog, task: str) -> np.ndarray:
+    """``(N, 3)`` per-sample terms whose column means are :func:`task_stats` of ``task`` (probability,
+    ROUGE, truth-ratio statistic): what a bootstrap over questions resamples."""
+    if task in ("real_authors", "world_facts"):
+        neg = -np.concatenate([t.gt[:, None], t.perturb], axis=1)
+        neg -= neg.max(axis=1, keepdims=True)
+        p = np.exp(neg)
+        prob = p[:, 0] / p.sum(axis=1)
+    else:
+        prob = np.exp(-t.gt)
+    lr = t.log_truth_ratio
+    tr = np.exp(-np.abs(lr)) if task == "forget" else np.maximum(0.0, -np.expm1(-lr))
+    return np.stack([prob, np.asarray(t.rouge, float), tr], axis=1)
+
+
 def forget_quality(ckpt: TaskLog, retain: TaskLog) -> tuple[float, float]:
     """(p-value, KS statistic) of ``ks_2samp`` between the forget-set truth ratios ``R`` of the
     checkpoint and the retain model, exactly TOFU's ``get_forget_quality``. KS depends only on the ranks

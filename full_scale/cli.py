@@ -14,7 +14,7 @@ import sys
 
 from npo_sim._cliutil import OneLineParser, add_debug_flag, guarded
 from npo_sim._cliutil import split_commas as comma_list
-from npo_sim.runio import write_json
+from npo_sim.runio import UserError, write_json
 
 from . import config as C
 from .data import PROMPT_FORMATS
@@ -93,6 +93,11 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
                    help="retain model's TOFU-format eval log, for forget quality in the per-epoch eval")
     p.add_argument("--allow-mismatched-logs", action="store_true",
                    help="per-epoch eval: accept a retain log whose forget set has another sample count")
+    p.add_argument("--eval-holdout-file", default=None,
+                   help="per-epoch eval: non-member QA (JSON/JSONL) for the MIA AUCs and privleak "
+                        "(tofu-mini has its own)")
+    p.add_argument("--eval-judge-model", default=None,
+                   help="per-epoch eval: checkpoint that scores the greedy forget answers (fluency), e.g. the oracle")
     _common_arguments(p)
 
 
@@ -124,7 +129,8 @@ def unlearn_job(args) -> C.TrainJob:
         ev = C.epoch_eval_spec(run, spec, args.retain_log, ds_size=args.eval_ds_size,
                                batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
                                gen_batch_size=args.eval_gen_batch_size,
-                               allow_mismatched_logs=args.allow_mismatched_logs or None)
+                               allow_mismatched_logs=args.allow_mismatched_logs or None,
+                               holdout_file=args.eval_holdout_file, judge_model=args.eval_judge_model)
     return C.TrainJob(run, spec, ev)
 
 
@@ -165,12 +171,24 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle-weights", action="store_true",
                    help="load a local --model that holds only pickle weights (pytorch_model.bin), still with "
                         "torch's weights_only=True; by default local weights are read from safetensors only")
+    p.add_argument("--holdout-file", default=None,
+                   help="non-member QA rows (JSON list or JSON lines with question/answer, e.g. open-unlearning's "
+                        "holdout01/05/10) for the MIA AUCs and privleak; tofu-mini splits default to the mini holdout "
+                        "(full.json authors 170-179); without one they are reported absent")
+    p.add_argument("--judge-model", default=None,
+                   help="checkpoint that scores the greedy forget answers (mean per-token log-likelihood, fluency), "
+                        "e.g. the retain/oracle model; without one that number is omitted")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of every CI")
+    p.add_argument("--no-extra-metrics", action="store_true",
+                   help="TOFU's metrics only (no memorization, MIA, privleak, fluency or CIs)")
 
 
 def eval_job(args) -> C.EvalJob:
     spec = C.EvalSpec(forget_split=args.forget_split, retain_log=args.retain_log, data_dir=args.data_dir,
                       ds_size=args.ds_size, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      allow_mismatched_logs=args.allow_mismatched_logs, gen_batch_size=args.gen_batch_size)
+                      allow_mismatched_logs=args.allow_mismatched_logs, gen_batch_size=args.gen_batch_size,
+                      holdout_file=args.holdout_file, judge_model=args.judge_model, n_boot=args.n_boot,
+                      extra_metrics=not args.no_extra_metrics)
     return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device,
                      allow_pickle_weights=args.allow_pickle_weights, threads=args.threads)
 
@@ -184,6 +202,13 @@ def eval_main(args) -> int:
     fq = f"FQ {summary['forget_quality']:.4g}  " if "forget_quality" in summary else ""
     print(f"{fq}MU {summary['model_utility']:.4f}  forget ROUGE {summary['forget_rouge']:.4f}  "
           f"({summary['eval_seconds']:.1f} s) -> {args.out}")
+    if "ci" in summary:
+        from .extra_metrics import format_line
+
+        n = summary["n_boot"]
+        print(f"95% bootstrap CIs over questions ({n} resamples):")
+        for line in format_line(summary):
+            print(f"  {line}")
     return 0
 
 
@@ -223,14 +248,15 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 def report_main(args) -> int:
     import pandas as pd
 
-    from .report import TABLE_COLUMNS, build_report, table_markdown
+    from .report import LAST_COLUMNS, TABLE_COLUMNS, build_report, last_markdown, table_markdown
 
     s = build_report(args.run_dirs, args.out, args.target_eval, args.mu_fraction)
+    print(last_markdown(pd.DataFrame(s["last_epoch"], columns=list(LAST_COLUMNS))))
     print(table_markdown(pd.DataFrame(s["best_fq"], columns=list(TABLE_COLUMNS))))
     if s["missing_targets"]:
         print(f"note: no --target-eval for {', '.join(s['missing_targets'])}: no MU threshold, best FQ left empty")
-    print(f"wrote {args.out}/best_fq.csv, best_fq.md, eval_curves.csv, lm_curves.csv, fq_mu_trajectories.png, "
-          "summary.json")
+    print(f"wrote {args.out}/best_fq.csv, best_fq.md, last_epoch.csv, last_epoch.md, eval_curves.csv, lm_curves.csv, "
+          "fq_mu_trajectories.png, summary.json")
     return 0
 
 
@@ -267,20 +293,31 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-args", default="",
                    help="extra flags for every finetune/unlearn stage, e.g. '--dtype float32' under FSDP")
     p.add_argument("--jobs", type=int, default=1, help="stages run at once within a group (CPU: 1-2)")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of unlearning seeds, e.g. 0,1,2 (default: --seed); the report adds the mean and "
+                        "95%% t-interval across them (seeds.md)")
+    p.add_argument("--select", default="last", choices=("last",),
+                   help="the declared model selection, recorded in the outputs: last = every run's last epoch")
+    p.add_argument("--holdout-file", default=None,
+                   help="non-member QA for the MIA AUCs/privleak of every eval (tofu-mini: its own holdout)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
 
 
 _STUDY_FLAGS = ("preset", "model", "epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "grad_accum",
                 "seed", "out", "figures", "data_dir", "eval_ds_size", "eval_max_new_tokens", "eval_batch_size",
-                "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs")
+                "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs", "select", "holdout_file")
 
 
 def study_main(args) -> int:
     from .study import run_study, study_config
 
+    try:
+        seeds = tuple(int(x) for x in comma_list(args.seeds))
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
     cfg = study_config(forget=comma_list(args.forget), retain=comma_list(args.retain),
-                       methods=comma_list(args.methods), **{k: getattr(args, k) for k in _STUDY_FLAGS})
+                       methods=comma_list(args.methods), seeds=seeds, **{k: getattr(args, k) for k in _STUDY_FLAGS})
     return run_study(cfg, dry_run=args.dry_run, report_only=args.report_only)
 
 

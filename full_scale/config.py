@@ -142,7 +142,10 @@ class UnlearnSpec:
 class EvalSpec:
     """A TOFU evaluation: the eval sets of ``forget_split`` (first ``ds_size`` questions of each),
     greedy answers of at most ``max_new_tokens`` for ROUGE, and the retain model's log for forget
-    quality (optional for ``npo-tofu eval``, required for the per-epoch evaluation)."""
+    quality (optional for ``npo-tofu eval``, required for the per-epoch evaluation). With
+    ``extra_metrics``: memorization, MIA AUCs against the holdout (``holdout_file``, or tofu-mini's),
+    privleak against the retain log's AUCs, fluency (judged by ``judge_model`` when given) and
+    bootstrap CIs (:mod:`full_scale.extra_metrics`)."""
 
     forget_split: str
     retain_log: str | None = None
@@ -152,9 +155,13 @@ class EvalSpec:
     max_new_tokens: int = 128
     allow_mismatched_logs: bool = False  #: retain log with another forget sample count: a note, not an error
     gen_batch_size: int | None = None  #: greedy generation's batch (default: batch_size); same answers at any size
+    holdout_file: str | None = None  #: non-member QA for the MIAs/privleak (tofu-mini: its own holdout if unset)
+    judge_model: str | None = None   #: scores the greedy forget answers' log-likelihood (fluency); None: omitted
+    n_boot: int = 1000               #: bootstrap resamples of every CI
+    extra_metrics: bool = True       #: memorization, MIA, privleak, fluency and CIs (False: TOFU's metrics only)
 
     def __post_init__(self) -> None:
-        _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens"))
+        _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens", "n_boot"))
         if self.gen_batch_size is not None:
             _at_least_1(self, ("gen_batch_size",))
 

@@ -14,6 +14,11 @@ with paraphrased/perturbed answers in ``forget10_perturbed``). ``forget10/20/50`
 2/4/10 of those authors and ``retain90/80/50`` the rest. Tiny models start from nothing, so the mini
 fine-tuning corpus adds the ``real_authors`` and ``world_facts`` QA as general knowledge that both
 the target and the retain model learn (a deviation from TOFU, documented in the README).
+
+The tofu-mini **holdout** (:func:`mini_holdout`), the non-members of the membership-inference attacks
+and privleak: the 10 authors just before the pool in ``full.json`` (authors 170-179 counting from 0,
+rows 3400-3599, 200 QA). Neither the mini target nor the mini oracle is trained on them. On full
+TOFU a holdout file is passed (:func:`load_holdout`, e.g. open-unlearning's holdout01/05/10).
 """
 
 from __future__ import annotations
@@ -198,6 +203,41 @@ def mini_retain(name: str, data_dir=None) -> list[dict]:
         raise UserError(f"unknown tofu-mini retain split {name!r}; valid: "
                         + ", ".join(f"mini-{k}" for k in inv))
     return mini_splits(inv[key], data_dir)[1]
+
+
+#: tofu-mini holdout: full.json authors (0-based, 20 QA each) that no tofu-mini model is trained on
+MINI_HOLDOUT_AUTHORS = tuple(range(170, 180))
+
+
+def mini_holdout(data_dir=None) -> list[dict]:
+    """The tofu-mini holdout: ``full.json`` authors 170-179 (rows 3400-3599), the 10 authors just before
+    the mini pool (authors 180-199 = ``forget10``). Question/answer rows, in order."""
+    full = load_split("full", data_dir)
+    a, b = MINI_HOLDOUT_AUTHORS[0] * AUTHOR_SIZE, (MINI_HOLDOUT_AUTHORS[-1] + 1) * AUTHOR_SIZE
+    return [{"question": r["question"], "answer": r["answer"]} for r in full[a:b]]
+
+
+def load_holdout(path) -> list[dict]:
+    """Holdout rows (question/answer) from ``path``: a JSON list or JSON lines (as TOFU's files and
+    open-unlearning's ``holdout01/05/10``). One-line errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"holdout file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{p}: not valid JSON ({exc.msg})") from None
+        for i, row in enumerate(rows):
+            problem = validate_row(row, "qa")
+            if problem:
+                raise UserError(f"{p}: row {i}: {problem}")
+        if not rows:
+            raise UserError(f"{p}: no rows")
+    else:
+        rows = _read_lines_file(p, "qa")
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
 
 def general_knowledge(data_dir=None) -> list[dict]:

@@ -24,8 +24,9 @@ from . import data
 from .aggregate import FORGET_KEYS, NEED_FQ, UTILITY_KEYS, aggregate, load_retain_log, task_log
 from .config import EvalJob, EvalSpec
 from .data import encode_qa, get_format, pad_batch
+from .extra_metrics import CURVE_METRICS, curve_values
 from .generate import greedy_generate
-from .logprobs import sequence_logprobs
+from .logprobs import forward_logits, logprobs_from_logits, shifted
 
 # --------------------------------------------------------------------------------------------------
 # Eval sets
@@ -105,25 +106,53 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def answer_nll(model, tokenizer, fmt, pairs: list[tuple[str, str]],
-               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """``(summed NLL, answer token count)`` of each (question, answer) pair, answer tokens + EOS only.
+def answer_token_stats(model, tokenizer, fmt, pairs: list[tuple[str, str]], batch_size: int = 16,
+                       detail=()) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+    """``(summed NLL, answer token count, details)`` of each (question, answer) pair, answer tokens + EOS.
 
     Examples are sorted by length and right-padded per batch (little padding, same numbers as one at
-    a time: position ids follow the attention mask, padding is masked out of the loss).
+    a time: position ids follow the attention mask, padding is masked out of the loss). For the pair
+    indices in ``detail``, the same forward also gives, per answer token, ``logp`` (the label's
+    log-prob), ``hit`` (teacher-forced argmax = label), and ``mu``/``sigma``, the mean and standard
+    deviation of the log-probs under the model's own next-token distribution (Min-K%++); as numpy
+    arrays in ``details[index]``.
     """
     enc = [encode_qa(tokenizer, q, a, fmt) for q, a in pairs]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
     loss = np.zeros(len(enc))
     count = np.zeros(len(enc), dtype=np.int64)
+    detail = set(detail)
+    details: dict[int, dict] = {}
     dev = _device(model)
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             b = {k: v.to(dev) for k, v in pad_batch([enc[i] for i in idx], tokenizer.pad_token_id).items()}
-            lp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
+            logits = forward_logits(model, b["input_ids"], b["attention_mask"])
+            lp, n = logprobs_from_logits(logits, b["labels"])
             loss[idx] = (-lp).double().cpu().numpy()
             count[idx] = n.cpu().numpy()
+            rows = [r for r, i in enumerate(idx) if i in detail]
+            if rows:
+                lg, targets, mask = shifted(logits[rows], b["labels"][rows])
+                logp = torch.log_softmax(lg.float(), -1)
+                p = logp.exp()
+                mu = (p * logp).sum(-1)
+                sigma = ((p * (logp - mu[..., None]) ** 2).sum(-1)).clamp_min(0).sqrt()
+                tok = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+                hit = logp.argmax(-1) == targets
+                for r, row in enumerate(rows):
+                    m = mask[r]
+                    details[idx[row]] = {"logp": tok[r][m].double().cpu().numpy(), "hit": hit[r][m].cpu().numpy(),
+                                         "mu": mu[r][m].double().cpu().numpy(),
+                                         "sigma": sigma[r][m].double().cpu().numpy()}
+    return loss, count, details
+
+
+def answer_nll(model, tokenizer, fmt, pairs: list[tuple[str, str]],
+               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(summed NLL, answer token count)`` of each (question, answer) pair (:func:`answer_token_stats`)."""
+    loss, count, _ = answer_token_stats(model, tokenizer, fmt, pairs, batch_size)
     return loss, count
 
 
@@ -141,14 +170,30 @@ def rouge_recall(generated: list[str], answers: list[str]) -> tuple[list[float],
     return [s["rouge1"].recall for s in scores], [s["rougeL"].recall for s in scores]
 
 
+@dataclass
+class Extra:
+    """What the metrics beyond TOFU's need: the holdout rows (``None``: no holdout set) and the judge
+    ``(model, tokenizer, fmt)`` (``None``: no judge)."""
+
+    holdout: list[dict] | None = None
+    holdout_source: str | None = None
+    judge: tuple | None = None
+    judge_name: str | None = None
+
+
 def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, batch_size: int = 16,
-                   max_new_tokens: int = 128, gen_batch_size: int | None = None) -> dict:
+                   max_new_tokens: int = 128, gen_batch_size: int | None = None, extra: Extra | None = None) -> dict:
     """The TOFU per-sample log (dict layout, TOFU key names) of ``model`` on ``sets``.
 
     All NLLs of all sets are computed in one length-sorted pass over the unique (question, answer)
     pairs (real authors/world facts have base answer = answer, scored once). The greedy answers of all
     sets are decoded together, in length-sorted batches of ``gen_batch_size`` (default ``batch_size``;
     the answers do not depend on it; on CPU a small model decodes fastest in large batches).
+
+    With ``extra``, the same NLL pass also scores the holdout answers and keeps the per-token numbers
+    of the forget and holdout answers, the judge scores the greedy forget answers, and the log gets
+    the per-sample block :data:`full_scale.extra_metrics.EXTRA_KEY` (its results are added by
+    :func:`run_eval`).
     """
     gen_batch_size = batch_size if gen_batch_size is None else gen_batch_size
     if batch_size < 1 or gen_batch_size < 1:
@@ -162,11 +207,33 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
             for it in items:
                 for a in (it.answer, it.base, *it.perturbed):
                     pairs.setdefault((it.question, a), len(pairs))
-        loss, count = answer_nll(model, tokenizer, fmt, list(pairs), batch_size)
+        forget = sets["eval_log_forget.json"]
+        detail = []
+        if extra is not None:
+            detail = [pairs[(it.question, it.answer)] for it in forget]
+            for r in extra.holdout or []:
+                detail.append(pairs.setdefault((r["question"], r["answer"]), len(pairs)))
+        loss, count, details = answer_token_stats(model, tokenizer, fmt, list(pairs), batch_size, detail)
         questions = [it.question for items in sets.values() for it in items]
         gens = greedy_generate(model, tokenizer, fmt, questions, gen_batch_size, max_new_tokens)
     finally:
         model.train(was_training)
+    block = None
+    if extra is not None:
+        from . import extra_metrics as X
+
+        order = list(sets)
+        start = sum(len(sets[k]) for k in order[:order.index("eval_log_forget.json")])
+        f_gens = gens[start:start + len(forget)]
+        judge_logp = None
+        if extra.judge is not None:
+            jm, jt, jf = extra.judge
+            jl, jc = answer_nll(jm, jt, jf, [(it.question, g) for it, g in zip(forget, f_gens)], batch_size)
+            judge_logp = (-jl / jc).tolist()
+        hold = extra.holdout or []
+        block = X.sample_block([details[i] for i in detail[:len(forget)]], [it.answer for it in forget],
+                               [details[i] for i in detail[len(forget):]], [r["answer"] for r in hold],
+                               f_gens, judge_logp, extra.holdout_source if hold else None, extra.judge_name)
 
     log: dict = {}
     g = iter(gens)
@@ -191,6 +258,10 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
             t["rouge1_recall"][k], t["rougeL_recall"][k] = r1[i], rl[i]
             t["generated_text"][k] = [fmt.render(it.question, tokenizer), texts[i], it.answer]
         log[key] = t
+    if block is not None:
+        from .extra_metrics import EXTRA_KEY
+
+        log[EXTRA_KEY] = block
     return log
 
 
@@ -199,40 +270,133 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare_eval(spec: EvalSpec) -> tuple[dict | None, tuple]:
-    """``(retain log, eval sets)`` of ``spec``, loaded and validated before any model work.
+@dataclass
+class Prepared:
+    """The inputs of an evaluation, loaded and checked before any model work (:func:`prepare_eval`).
+    The judge model is loaded on first use, on the evaluated model's device, and kept."""
+
+    retain: dict | None
+    sets: dict
+    sources: dict
+    notes: list
+    holdout: list[dict] | None = None
+    holdout_source: str | None = None
+    judge_path: str | None = None
+    judge: tuple | None = None
+
+    def __iter__(self):  # (retain log, (sets, sources, notes)), as before
+        return iter((self.retain, (self.sets, self.sources, self.notes)))
+
+
+def holdout_set(spec: EvalSpec) -> tuple[list[dict] | None, str | None, list[str]]:
+    """``(holdout rows, source, notes)``: ``spec.holdout_file``, else tofu-mini's own holdout for a mini
+    split, else none (said in a note: then no MIA AUC and no privleak), cut to ``ds_size`` rows."""
+    if spec.holdout_file:
+        rows, src = data.load_holdout(spec.holdout_file), str(spec.holdout_file)
+    elif spec.forget_split in MINI_SPLITS:
+        a = data.MINI_HOLDOUT_AUTHORS
+        rows, src = data.mini_holdout(spec.data_dir), f"tofu-mini holdout (full.json authors {a[0]}-{a[-1]})"
+    else:
+        return None, None, ["no holdout set (--holdout-file): MIA AUCs and privleak are absent"]
+    return rows[:spec.ds_size], src, []
+
+
+def prepare_eval(spec: EvalSpec) -> Prepared:
+    """The retain log, eval sets, holdout and judge checkpoint of ``spec``, loaded and validated before
+    any model work.
 
     A retain log whose forget set has another sample count than this evaluation's is an error unless
-    ``spec.allow_mismatched_logs`` (then ``summary.json`` carries a note)."""
+    ``spec.allow_mismatched_logs`` (then ``summary.json`` carries a note). A holdout that shares a
+    question with the forget set is an error; a judge directory is checked like ``--model``."""
     retain = load_retain_log(spec.retain_log)
-    sets = eval_sets(spec.forget_split, spec.data_dir, spec.ds_size)
+    sets, sources, notes = eval_sets(spec.forget_split, spec.data_dir, spec.ds_size)
     if retain is not None and not spec.allow_mismatched_logs:
         n_retain = task_log(retain, "forget", NEED_FQ, str(spec.retain_log)).n
-        n = len(sets[0]["eval_log_forget.json"])
+        n = len(sets["eval_log_forget.json"])
         if n != n_retain:
             raise UserError(f"mismatched logs: the retain log {spec.retain_log} has {n_retain} forget samples, "
                             f"this evaluation {n} (--ds-size {spec.ds_size}); pass --allow-mismatched-logs to "
                             "compare them anyway")
-    return retain, sets
+    prepared = Prepared(retain, sets, sources, list(notes))
+    if not spec.extra_metrics:
+        return prepared
+    holdout, src, h_notes = holdout_set(spec)
+    if holdout is not None:
+        shared = {r["question"] for r in holdout} & {it.question for it in sets["eval_log_forget.json"]}
+        if shared:
+            raise UserError(f"holdout {src} shares {len(shared)} question(s) with the forget set {spec.forget_split}: "
+                            "a holdout must be data the model never saw")
+    prepared.holdout, prepared.holdout_source = holdout, src
+    prepared.notes += h_notes
+    if spec.judge_model:
+        _check_judge(spec.judge_model)
+        prepared.judge_path = spec.judge_model
+    return prepared
 
 
-def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared=None) -> tuple[dict, dict]:
+def _check_judge(path: str) -> None:
+    from .models import check_local_checkpoint, resolve_checkpoint
+
+    p = Path(str(resolve_checkpoint(path)))
+    if str(path).startswith("tiny-llama"):
+        raise UserError(f"--judge-model {path}: a judge must be a trained checkpoint directory, not a fresh tiny-llama")
+    if not p.is_dir():
+        raise UserError(f"judge model directory not found: {path}")
+    if not (p / "config.json").is_file():
+        raise UserError(f"judge model {path}: no model in it (config.json missing)")
+    check_local_checkpoint(p)
+
+
+def _judge(prepared: Prepared, model, same_as: str | None = None):
+    if prepared.judge_path is None:
+        return None
+    if prepared.judge is None:
+        from .models import load_model, resolve_checkpoint
+
+        if same_as is not None and Path(str(resolve_checkpoint(same_as))).resolve() == \
+                Path(str(resolve_checkpoint(prepared.judge_path))).resolve():
+            return None  # the caller passes the evaluated model itself
+        jm, jt, jf = load_model(prepared.judge_path, device=_device(model))
+        jm.eval()
+        prepared.judge = (jm, jt, jf)
+    return prepared.judge
+
+
+def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared: Prepared | None = None,
+             model_path: str | None = None) -> tuple[dict, dict]:
     """Evaluate ``model`` as ``spec`` says: ``(TOFU log, summary)``. The summary holds FQ when a retain
-    log is given, MU, the components, eval-set sources, notes and timing. ``prepared`` is a
-    :func:`prepare_eval` result to reuse."""
-    retain_log, (sets, sources, notes) = prepared or prepare_eval(spec)
+    log is given, MU, the components, eval-set sources, notes and timing, and (``spec.extra_metrics``)
+    the metrics of :mod:`full_scale.extra_metrics` with their CIs under ``ci``. ``prepared`` is a
+    :func:`prepare_eval` result to reuse; ``model_path`` lets a judge that is this same checkpoint be
+    the loaded model."""
+    prepared = prepared or prepare_eval(spec)
+    sets, sources = prepared.sets, prepared.sources
     t0 = time.perf_counter()
+    extra = None
+    if spec.extra_metrics:
+        judge = _judge(prepared, model, model_path)
+        if judge is None and prepared.judge_path is not None:
+            judge = (model, tokenizer, fmt)
+        extra = Extra(prepared.holdout, prepared.holdout_source, judge, prepared.judge_path)
     log = evaluate_model(model, tokenizer, fmt, sets, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
-                         gen_batch_size=spec.gen_batch_size)
-    seconds = time.perf_counter() - t0
-    stats = aggregate(log, retain_log, ckpt_name="evaluated model", retain_name="retain log")
+                         gen_batch_size=spec.gen_batch_size, extra=extra)
+    stats = aggregate(log, prepared.retain, ckpt_name="evaluated model", retain_name="retain log")
     summary = {
         **{k: v for k, v in stats.items() if k != "notes"},
         "forget_split": spec.forget_split,
         "eval_sets": {k: {"source": sources[k], "n": len(v)} for k, v in sets.items()},
-        "notes": notes + stats["notes"],
-        "eval_seconds": seconds,
+        "notes": prepared.notes + stats["notes"],
     }
+    if extra is not None:
+        from . import extra_metrics as X
+
+        res, notes = X.results(log[X.EXTRA_KEY], log, stats, prepared.retain, n_boot=spec.n_boot)
+        log[X.EXTRA_KEY]["results"] = res
+        summary["eval_sets"]["holdout"] = {"source": prepared.holdout_source, "n": len(prepared.holdout or [])}
+        summary["judge_model"] = prepared.judge_path
+        summary.update(res)
+        summary["notes"] = summary["notes"] + notes
+    summary["eval_seconds"] = time.perf_counter() - t0
     return log, summary
 
 
@@ -252,7 +416,7 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
         torch.set_num_threads(job.threads)
     model, tokenizer, fmt = load_model(job.model, device=job.device, data_dir=job.eval.data_dir,
                                        allow_pickle=job.allow_pickle_weights)
-    log, summary = run_eval(model, tokenizer, fmt, job.eval, prepared)
+    log, summary = run_eval(model, tokenizer, fmt, job.eval, prepared, model_path=job.model)
     summary["prompt_format"] = fmt
     summary["config"] = jsonable(job.to_json())
     out = Path(job.out)
@@ -263,7 +427,9 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
 
 
 #: columns of eval_curve.csv, in order
-CURVE_COLUMNS = ("epoch", "forget_quality", "model_utility", *UTILITY_KEYS, *FORGET_KEYS, "n_forget", "eval_seconds")
+CURVE_COLUMNS = ("epoch", "forget_quality", "model_utility", *UTILITY_KEYS, *FORGET_KEYS, "n_forget", "eval_seconds",
+                 "forget_quality_lo", "forget_quality_hi", "model_utility_lo", "model_utility_hi",
+                 *(c for k in CURVE_METRICS for c in (k, f"{k}_lo", f"{k}_hi")))
 
 
 def evaluate_epoch(model, tokenizer, fmt, run_dir, epoch: int, spec: EvalSpec, prepared=None) -> dict:
@@ -279,11 +445,12 @@ def evaluate_epoch(model, tokenizer, fmt, run_dir, epoch: int, spec: EvalSpec, p
     log, summary = run_eval(model, tokenizer, fmt, spec, prepared)
     run_dir = Path(run_dir)
     write_json(run_dir / "eval" / f"epoch_{int(epoch):03d}" / "eval_log_aggregated.json", log)
-    row = {"epoch": int(epoch), **{k: summary[k] for k in CURVE_COLUMNS if k != "epoch"}}
+    row = {"epoch": int(epoch), **curve_values(summary)}
+    row.update({k: summary[k] for k in CURVE_COLUMNS if k in summary and k not in row and k != "epoch"})
     path = run_dir / "eval_curve.csv"
     old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(CURVE_COLUMNS))
     old = old[old["epoch"] != int(epoch)]
     new = pd.DataFrame([row], columns=list(CURVE_COLUMNS))
-    curve = new if old.empty else pd.concat([old, new], ignore_index=True)
+    curve = new if old.empty else pd.concat([old.reindex(columns=list(CURVE_COLUMNS)), new], ignore_index=True)
     write_csv(path, curve.sort_values("epoch").reset_index(drop=True))
     return row

@@ -23,18 +23,29 @@ from pathlib import Path
 import pandas as pd
 
 from npo_sim.losses import OBJECTIVES, label
-from npo_sim.runio import UserError, check_out_dir, write_bytes, write_json, write_text
+from npo_sim.runio import UserError, check_out_dir, write_bytes, write_csv, write_json, write_text
 
 from .data import retain_of
-from .report import TABLE_COLUMNS, build_report, load_target_evals, table_markdown
+from .report import (
+    LAST_COLUMNS,
+    TABLE_COLUMNS,
+    across_seeds,
+    build_report,
+    load_target_evals,
+    seeds_markdown,
+    table_markdown,
+)
 
 #: a hand-written section of figures/<study>/results.md that a re-run keeps
 NOTES_HEADING = "## Reading these results"
 #: small report files copied into figures/<study>/
 REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_curves.csv", "lm_curves.csv",
-                "summary.json", "side_by_side.png", "results.md", "timings.json")
+                "last_epoch.csv", "last_epoch.md", "seeds.csv", "seeds.md", "summary.json", "side_by_side.png",
+                "results.md", "timings.json")
 #: the divergence law Theorem 2 predicts for the side-by-side fits (a claim about these two methods)
 LAW = {"ga": "linear", "npo": "log"}
+#: declared model-selection rules (the report shows the selected epoch of every run)
+SELECTIONS = {"last": "the last epoch of every run (nothing is picked on the test set)"}
 #: per preset: default model, forget splits, output directory, eval questions and answer tokens
 PRESET_DEFAULTS = {
     "mini": {"model": "tiny-llama:5m", "forget": ("mini-forget10", "mini-forget50"), "out": "runs/tofu-mini",
@@ -71,6 +82,9 @@ class StudyConfig:
     markov_dir: str = "runs/figures/markov_divergence"
     train_args: str = ""              #: extra flags for every finetune/unlearn stage
     jobs: int = 1
+    seeds: tuple[int, ...] = ()       #: unlearning seeds (default: (seed,)); the report gives mean and CI across them
+    select: str = "last"              #: the declared model selection: the last epoch of every run
+    holdout_file: str | None = None   #: non-member QA of the MIAs/privleak (tofu-mini: its own holdout)
 
     def __post_init__(self) -> None:
         mini = self.preset == "mini"
@@ -82,6 +96,10 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in OBJECTIVES]
         if not self.methods or unknown:
             raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(OBJECTIVES)}")
+        if self.select not in SELECTIONS:
+            raise UserError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be distinct, got {', '.join(map(str, self.seeds))}")
         for name in ("epochs", "finetune_epochs", "batch_size", "grad_accum", "eval_ds_size", "eval_max_new_tokens",
                      "eval_batch_size", "threads", "jobs"):
             v = getattr(self, name)
@@ -93,7 +111,13 @@ class StudyConfig:
         return {"preset": self.preset, "model": self.model, "forget": list(self.forget), "retain": list(self.retain),
                 "methods": list(self.methods), "eval_ds_size": self.eval_ds_size,
                 "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size,
-                "out": self.out}
+                "out": self.out, "seeds": list(self.unlearn_seeds), "select": self.select,
+                "select_rule": SELECTIONS[self.select], "holdout_file": self.holdout_file,
+                "judge": "the oracle of each forget split"}
+
+    @property
+    def unlearn_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seeds) or (self.seed,)
 
 
 def study_config(preset: str, forget=(), retain=(), **settings) -> StudyConfig:
@@ -122,6 +146,7 @@ class Stage:
     done: bool             #: finished outputs exist (skipped)
     resume: bool = False   #: a started run directory (resumed with --resume)
     threads: int | None = None
+    seed: int | None = None  #: unlearning seed (unlearn stages)
 
 
 def _flags(pairs) -> list[str]:
@@ -152,22 +177,30 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     finetune("finetune target (full)", "full", target)
     for f, r in zip(cfg.forget, cfg.retain):
         finetune(f"finetune oracle ({r})", r, out / f"oracle-{f}", ["--forget", f])
+    holdout = _flags((("--holdout-file", cfg.holdout_file),))
     for f in cfg.forget:
+        judge = ["--judge-model", str(out / f"oracle-{f}" / "model")]  # the oracle judges fluency
         for who, d in (("oracle", out / f"oracle-{f}"), ("target", target)):
             e = out / "eval" / f"{who}-{f}"
             retain_log = [] if who == "oracle" else ["--retain-log", str(_oracle_log(out, f))]
             stages.append(Stage(f"eval {who} on {f}", "eval", 1 if who == "oracle" else 2, e,
                                 (*py, *tofu, "eval", "--model", str(d / "model"), "--forget-split", f, "--out", str(e),
-                                 *retain_log, *ev), done=(e / "summary.json").is_file(), threads=cfg.threads))
+                                 *retain_log, *ev, *holdout, *judge), done=(e / "summary.json").is_file(),
+                                threads=cfg.threads))
+    several = len(cfg.unlearn_seeds) > 1
     for f, r in zip(cfg.forget, cfg.retain):
-        for m in cfg.methods:
-            d = out / "unlearn" / f / m
-            cmd = (*launcher, *tofu, "unlearn", "--eval-batch-size", str(cfg.eval_batch_size), "--eval-max-new-tokens",
-                   str(cfg.eval_max_new_tokens), "--model", str(target / "model"), "--forget", f, "--retain", r,
-                   "--method", m, "--out", str(d), "--eval-every-epoch", "--eval-ds-size", str(cfg.eval_ds_size),
-                   "--retain-log", str(_oracle_log(out, f)), *ul)
-            stages.append(Stage(f"unlearn {f} {m}", "unlearn", 3, d, cmd, done=(d / "run.json").is_file(),
-                                resume=(d / "config.json").is_file(), threads=cfg.threads))
+        for seed in cfg.unlearn_seeds:
+            for m in cfg.methods:
+                d = out / "unlearn" / f / (f"seed-{seed}" if several else "") / m
+                cmd = (*launcher, *tofu, "unlearn", "--eval-batch-size", str(cfg.eval_batch_size),
+                       "--eval-max-new-tokens", str(cfg.eval_max_new_tokens), "--model", str(target / "model"),
+                       "--forget", f, "--retain", r, "--method", m, "--out", str(d), "--eval-every-epoch",
+                       "--eval-ds-size", str(cfg.eval_ds_size), "--retain-log", str(_oracle_log(out, f)),
+                       "--eval-judge-model", str(out / f"oracle-{f}" / "model"),
+                       *_flags((("--eval-holdout-file", cfg.holdout_file),)), *ul, "--seed", str(seed))
+                name = f"unlearn {f} {m}" + (f" seed {seed}" if several else "")
+                stages.append(Stage(name, "unlearn", 3, d, cmd, done=(d / "run.json").is_file(),
+                                    resume=(d / "config.json").is_file(), threads=cfg.threads, seed=seed))
     return stages
 
 
@@ -249,7 +282,8 @@ def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------------------------------
 # the report
 # --------------------------------------------------------------------------------------------------
-def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets: dict, side_fits: dict) -> str:
+def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets: dict, side_fits: dict,
+                     last_md: str = "", seeds_md: str = "") -> str:
     lines = [f"# tofu-{settings['preset']} study", "",
              f"Model `{settings['model']}`; forget splits {', '.join(settings['forget'])}; methods "
              f"{', '.join(settings['methods'])}.",
@@ -260,8 +294,17 @@ def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets
     for s, t in targets.items():
         lines.append(f"| {s} | {t['model_utility']:.3f} | {t.get('forget_quality', float('nan')):.3g} | "
                      f"{t.get('forget_rouge', float('nan')):.3f} |")
-    lines += ["", "## Best forget quality at MU ≥ 0.9 × target MU", "", table_markdown(table),
-              "— : no evaluated epoch kept MU above the threshold.", "",
+    sel = settings.get("select", "last")
+    lines += ["", f"Model selection, declared before the run: `--select {sel}`, "
+              f"{settings.get('select_rule', SELECTIONS[sel])}. The tofu-mini holdout (non-members of the MIAs) is "
+              "full.json authors 170-179; the oracle of each split judges fluency."]
+    if last_md:
+        lines += ["", "## Last epoch, with 95% bootstrap CIs over questions", "", last_md]
+    if seeds_md:
+        lines += ["", "## Across seeds", "", seeds_md]
+    lines += ["", "## Best forget quality at MU ≥ 0.9 × target MU (epoch picked on the test set)", "",
+              table_markdown(table), "— : no evaluated epoch kept MU above the threshold. This table picks each "
+              "run's best epoch on the test (forget) set, so it is optimistic; the declared selection is above.", "",
               "![FQ vs MU](fq_mu_trajectories.png)", "", "## Side by side", "", "![side by side](side_by_side.png)", ""]
     for setting, per in side_fits.items():
         for m, f in per.items():
@@ -296,10 +339,23 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     th, mk = _side_inputs(cfg, out)
     report_dir = out / "report"
     unlearn = [st for st in stages if st.kind == "unlearn"]
-    runs = [str(st.out) for st in unlearn if (st.out / "run.json").is_file() and (st.out / "eval_curve.csv").is_file()]
-    settings = {**cfg.settings(), "unfinished_runs": [st.name for st in unlearn if str(st.out) not in runs]}
+    done = {str(st.out) for st in unlearn if (st.out / "run.json").is_file() and (st.out / "eval_curve.csv").is_file()}
+    settings = {**cfg.settings(), "unfinished_runs": [st.name for st in unlearn if str(st.out) not in done]}
     targets = [str(p) for f in cfg.forget if (p := out / "eval" / f"target-{f}" / "summary.json").is_file()]
-    summary = build_report(runs, report_dir, targets)
+    seeds = cfg.unlearn_seeds
+    by_seed = {s: [str(st.out) for st in unlearn if st.seed == s and str(st.out) in done] for s in seeds}
+    summary = build_report(by_seed[seeds[0]], report_dir, targets)
+    if len(seeds) > 1:
+        tables = {seeds[0]: pd.DataFrame(summary["last_epoch"], columns=list(LAST_COLUMNS))}
+        for s in seeds[1:]:
+            if by_seed[s]:
+                sub = build_report(by_seed[s], report_dir / f"seed-{s}", targets)
+                tables[s] = pd.DataFrame(sub["last_epoch"], columns=list(LAST_COLUMNS))
+        seed_table = across_seeds(tables)
+        write_csv(report_dir / "seeds.csv", seed_table)
+        write_text(report_dir / "seeds.md", seeds_markdown(seed_table, list(tables)))
+        summary["seeds"] = {"seeds": list(tables), "across_seeds": seed_table.to_dict("records"),
+                            "figures_and_tables_of_seed": seeds[0]}
     fits = plot_side_by_side(th, mk, report_dir / "lm_curves.csv", report_dir / "side_by_side.png")
     timings["report"] = time.time() - t0
     # wall time summed over invocations (a resumed study adds to it)
@@ -309,7 +365,10 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     table = pd.DataFrame(summary["best_fq"], columns=list(TABLE_COLUMNS))
     write_json(report_dir / "summary.json", {**summary, "settings": settings, "side_by_side_fits": fits,
                                              "timings": timings})
-    write_text(report_dir / "results.md", results_markdown(settings, timings, table, load_target_evals(targets), fits))
+    read = lambda name: (report_dir / name).read_text() if (report_dir / name).is_file() else ""  # noqa: E731
+    write_text(report_dir / "results.md", results_markdown(settings, timings, table, load_target_evals(targets), fits,
+                                                           read("last_epoch.md"),
+                                                           read("seeds.md") if len(seeds) > 1 else ""))
     write_json(report_dir / "timings.json", timings)
     if cfg.figures:
         dest = Path(cfg.figures) / f"tofu_{cfg.preset}"

@@ -273,3 +273,51 @@ def ks_attainable_pvalues(n: int, m: int) -> np.ndarray:
     else:
         raise ValueError(f"ks_attainable_pvalues: sizes {n} != {m} too large to enumerate")
     return np.unique([_stats().ks_2samp(x, y).pvalue for x, y in witnesses])
+
+
+def bootstrap_ci_strata(statistic, groups, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> CI:
+    """Percentile bootstrap CI of ``statistic(*groups)`` where each group is resampled on its own.
+
+    For statistics of several independent samples of different sizes: an AUC between members and
+    non-members, or model utility over three eval sets. Each group is an array whose first axis is
+    resampled (its other axes travel along, e.g. two models' scores of the same question). Resamples
+    where the statistic is NaN (undefined) are left out. With one group this is :func:`bootstrap_ci`
+    (the same draws for the same seed).
+    """
+    arrays = tuple(np.asarray(g) for g in groups)
+    if not arrays or any(a.shape[0] == 0 for a in arrays):
+        raise ValueError("bootstrap_ci_strata: need at least one group, each non-empty")
+    if not (0 < alpha < 1) or n_boot < 1:
+        raise ValueError(f"bootstrap_ci_strata: need 0 < alpha < 1 and n_boot >= 1, got {alpha}, {n_boot}")
+    rng = np.random.default_rng(seed)
+    idx = [rng.integers(0, a.shape[0], size=(n_boot, a.shape[0])) for a in arrays]
+    boots = np.array([statistic(*(a[i[b]] for a, i in zip(arrays, idx))) for b in range(n_boot)], dtype=float)
+    boots = boots[~np.isnan(boots)]   # resamples where the statistic is undefined (e.g. privleak at AUC 0)
+    if boots.size == 0:
+        return CI(math.nan, math.nan, float(statistic(*arrays)), math.nan)
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return CI(float(lo), float(hi), float(statistic(*arrays)), float(boots.std(ddof=1)) if boots.size > 1 else 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# fluency of generated text (over token or word sequences)
+# --------------------------------------------------------------------------------------------------
+def _ngrams(tokens, n: int) -> list[tuple]:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    t = list(tokens)
+    return [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
+
+
+def repetition(tokens, n: int = 3) -> float:
+    """Share of repeated n-grams in one sequence, ``1 − |distinct n-grams| / |n-grams|`` (rep-n of
+    Welleck et al., 2019). 0 for a sequence with no repeated n-gram, or shorter than n; → 1 as a loop."""
+    grams = _ngrams(tokens, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(sequences, n: int = 2) -> float:
+    """distinct-n (Li et al., 2016): distinct n-grams over all n-grams of a set of sequences (pooled,
+    so the same answer to every question scores low). 0 when no sequence has n tokens."""
+    grams = [g for s in sequences for g in _ngrams(s, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0

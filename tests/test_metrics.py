@@ -93,3 +93,33 @@ def test_bootstrap_ci_resamples_paired_arrays_together():
     assert ci.lo == ci.hi == ci.estimate == 0.0   # the same indices for both, so x − y stays 0
     with pytest.raises(ValueError):
         M.bootstrap_ci(np.mean, (a, a[:5]))
+
+
+def test_fluency_by_hand():
+    # bigrams of a b a b a: ab ba ab ba -> 2 distinct of 4
+    assert M.repetition(list("ababa"), n=2) == pytest.approx(0.5)
+    assert M.repetition("the cat sat on the mat".split(), n=3) == 0.0   # no 3-gram repeats
+    assert M.repetition(["x"] * 6, n=3) == pytest.approx(1 - 1 / 4)     # a loop: xxx four times
+    assert M.repetition(["a", "b"], n=3) == 0.0                         # shorter than n
+    # pooled over answers: ab bc | ab -> 2 distinct of 3; the same answer twice halves distinct-2
+    assert M.distinct_n([list("abc"), list("ab")], n=2) == pytest.approx(2 / 3)
+    assert M.distinct_n([list("abc")] * 2, n=2) == pytest.approx(0.5)
+    assert M.distinct_n([[], ["a"]], n=2) == 0.0
+    with pytest.raises(ValueError):
+        M.repetition(["a"], n=0)
+
+
+def test_bootstrap_strata_one_group_is_bootstrap_ci_and_two_groups_cover():
+    x = np.random.default_rng(1).normal(size=30)
+    assert M.bootstrap_ci_strata(np.mean, (x,), n_boot=200, seed=3) == M.bootstrap_ci(np.mean, x, n_boot=200, seed=3)
+    # difference of two means of N(0,1) samples of sizes 40 and 25: the 95% CI covers 0 in about 95% of draws
+    rng = np.random.default_rng(0)
+    hits = []
+    for s in range(100):
+        a, b = rng.normal(size=40), rng.normal(size=25)
+        c = M.bootstrap_ci_strata(lambda u, v: u.mean() - v.mean(), (a, b), n_boot=200, seed=s)
+        assert c.lo <= c.estimate <= c.hi and c.estimate == pytest.approx(a.mean() - b.mean())
+        hits.append(c.lo <= 0 <= c.hi)
+    assert 0.85 <= np.mean(hits) <= 1.0
+    with pytest.raises(ValueError):
+        M.bootstrap_ci_strata(np.mean, (np.array([]),))

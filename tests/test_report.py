@@ -167,7 +167,7 @@ def test_study_plan_dry_run(capsys):
 def test_tofu_claims_from_the_committed_study(tmp_path):
     """The TOFU rows of REPORT.md come from full_scale, read off figures/tofu_mini/ (summary.json, lm_curves.csv)."""
     rows = claims(Path(__file__).resolve().parents[1] / "figures")
-    assert len(rows) == 4 and all(c.verdict in VERDICTS and c.criterion and c.measured for c in rows)
+    assert len(rows) == 6 and all(c.verdict in VERDICTS and c.criterion and c.measured for c in rows)
     assert all(c.claim.startswith("TOFU mini (") for c in rows)
     (missing,) = claims(tmp_path)  # no study outputs: one row that says so
     assert missing.verdict == NA and "make tofu-mini" in missing.measured
