@@ -23,9 +23,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 def forward_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """``(B, T, V)`` logits with padding-consistent position ids."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.logits
+    return forward(model, input_ids, attention_mask)[0]
+
+
+def forward(model, input_ids: Tensor, attention_mask: Tensor,
+            hidden_layer: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(logits (B, T, V), hidden states (B, T, d) after decoder layer ``hidden_layer`` (0-based) or None)``."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, output_hidden_states=hidden_layer is not None)
+    return out.logits, (None if hidden_layer is None else out.hidden_states[hidden_layer + 1])
 
 
 def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -35,12 +41,17 @@ def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return logits[:, :-1], targets, mask
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum of answer-token log-probs, answer token count)``, each ``(B,)``, from ``(B, T, V)`` logits."""
+def token_logprobs_from_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(per-token answer log-probs (B, T-1), 0 off the answer; answer mask (B, T-1))`` (fp32 log-softmax)."""
     lg, targets, mask = shifted(logits, labels)
     tok = -F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), targets.reshape(-1).clamp_min(0),
                            reduction="none").view(targets.shape)
-    tok = tok * mask
+    return tok * mask, mask
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum of answer-token log-probs, answer token count)``, each ``(B,)``, from ``(B, T, V)`` logits."""
+    tok, mask = token_logprobs_from_logits(logits, labels)
     return tok.sum(-1), mask.sum(-1)
 
 

@@ -40,11 +40,25 @@ from npo_sim.runio import UserError, write_bytes, write_csv, write_json
 from . import data as D
 from .config import FinetuneSpec, TrainJob, UnlearnSpec
 from .generate import greedy_ids, is_degenerate
-from .logprobs import forward_logits, sequence_logprobs, token_logits
+from .logprobs import (
+    forward,
+    forward_logits,
+    logprobs_from_logits,
+    sequence_logprobs,
+    shifted,
+    token_logits,
+    token_logprobs_from_logits,
+)
 
 REF_CACHE = "ref_cache.safetensors"
 GREEDY_LOG = "greedy_samples.json"
-REF_KEYS = ("logp_ref", "idk_logp_ref")
+#: reference inputs cacheable at θ_0: per-example log-likelihoods, and the forget set's per-token
+#: log-probs (``ref_token_logp``, stored right-padded ``(N, L_max − 1)``: a right-padded batch keeps each
+#: example's positions, so a batch reads its first ``T − 1`` columns)
+REF_KEYS = ("logp_ref", "idk_logp_ref", "ref_token_logp")
+#: RMU steers the output of decoder layer ``round(7/32 · n_layers)`` (0-based): layer 7 of a 32-layer
+#: 7B model, as WMDP (Li et al., 2024) and open-unlearning's ``configs/trainer/RMU.yaml`` (``model.layers.7``)
+RMU_LAYER_FRACTION = 7 / 32
 NLL_MONITOR = 32    #: retain examples whose NLL the collapse detector compares with its initial value
 GREEDY_TOKENS = 32  #: answer length of the collapse detector's greedy check
 
@@ -56,6 +70,17 @@ def reduce_logp(lp_sum, count, how: str):
 
 def _device(model):
     return next(model.parameters()).device
+
+
+def rmu_layer(model) -> int:
+    """The decoder layer RMU steers (0-based), :data:`RMU_LAYER_FRACTION` of the depth."""
+    return int(round(RMU_LAYER_FRACTION * model.config.num_hidden_layers))
+
+
+def rmu_control(d: int, coeff: float, seed: int) -> torch.Tensor:
+    """RMU's control vector ``c·u/‖u‖`` with ``u ~ U[0, 1)^d`` drawn from ``seed`` (WMDP's recipe), ``(d,)``."""
+    u = torch.rand(d, generator=torch.Generator().manual_seed(seed))
+    return coeff * u / u.norm()
 
 
 def _on(dev, batch: dict) -> dict:
@@ -123,9 +148,22 @@ class Reference:
             lp, n = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return reduce_logp(lp, n, reduction)
 
+    def token_logp(self, ids, batch: dict) -> torch.Tensor:
+        """Per-token reference log-probs ``(B, T-1)`` of the forget batch (cached, or the frozen model)."""
+        width = batch["input_ids"].shape[1] - 1
+        if "ref_token_logp" in self.logps:
+            return self.logps["ref_token_logp"][ids][:, :width].to(batch["input_ids"].device)
+        with torch.no_grad():
+            return token_logprobs_from_logits(forward_logits(self.model, batch["input_ids"], batch["attention_mask"]),
+                                              batch["labels"])[0]
+
     def logits(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             return forward_logits(self.model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+
+    def hidden(self, batch: dict, layer: int) -> torch.Tensor:
+        with torch.no_grad():
+            return forward(self.model, batch["input_ids"], batch["attention_mask"], layer)[1]
 
     def save(self, out: Path) -> None:
         """Write the cached values to ``out/ref_cache.safetensors`` (once; a resumed run reloads them)."""
@@ -243,7 +281,7 @@ class UnlearnTask:
 
     @torch.no_grad()
     def _cache(self, model, batch_size: int) -> dict[str, torch.Tensor]:
-        """``logp_ref`` (and ``idk_logp_ref``) for every forget example, once, at the initial weights."""
+        """``logp_ref``, ``idk_logp_ref`` and ``ref_token_logp`` (as needed) for every forget example, once, at θ_0."""
         out, dev = {}, _device(model)
         for key, exs in (("logp_ref", self.forget), ("idk_logp_ref", self.idk)):
             if key not in self.source.cached:
@@ -254,6 +292,15 @@ class UnlearnTask:
                 lp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
                 vals.append(reduce_logp(lp, n, self.reduction).float().cpu())
             out[key] = torch.cat(vals)
+        if "ref_token_logp" in self.source.cached:
+            width = max(len(e["input_ids"]) for e in self.forget) - 1
+            table = torch.zeros(len(self.forget), width, dtype=torch.float32)
+            for s in range(0, len(self.forget), batch_size):
+                b = _on(dev, D.pad_batch(self.forget[s:s + batch_size], self.pad_id))
+                tok = token_logprobs_from_logits(forward_logits(model, b["input_ids"], b["attention_mask"]),
+                                                 b["labels"])[0]
+                table[s:s + len(tok), :tok.shape[1]] = tok.float().cpu()
+            out["ref_token_logp"] = table
         return out
 
     # ---- one micro-batch
@@ -265,9 +312,12 @@ class UnlearnTask:
         x: dict[str, torch.Tensor] = {}
         ib = None
         # forget side: always computed (logged even when the objective does not read it)
-        with torch.set_grad_enabled(bool(needs & {"logp", "length"})):
-            lp, n = sequence_logprobs(model, fb["input_ids"], fb["attention_mask"], fb["labels"])
+        layer = rmu_layer(model) if needs & {"hidden", "retain_hidden"} else None
+        with torch.set_grad_enabled(bool(needs & {"logp", "length", "token_logp", "forget_logits", "hidden"})):
+            logits, hidden = forward(model, fb["input_ids"], fb["attention_mask"], layer if "hidden" in needs else None)
+            lp, n = logprobs_from_logits(logits, fb["labels"])
         x["logp"], x["length"] = reduce_logp(lp, n, red), n.to(lp.dtype)
+        x.update(self._token_inputs(logits, hidden, fb, ids, reference, layer))
         if "idk_logp" in needs:
             ib = _on(dev, D.pad_batch([self.idk[i] for i in ids], pad_id))
             ilp, icount = sequence_logprobs(model, ib["input_ids"], ib["attention_mask"], ib["labels"])
@@ -279,6 +329,11 @@ class UnlearnTask:
         if "retain_logits" in needs:
             rlp, rn, rlogits, rmask = token_logits(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
             x.update(retain_logits=rlogits, retain_ref_logits=reference.logits(rb), retain_mask=rmask)
+        elif "retain_hidden" in needs:
+            rlogits, rhidden = forward(model, rb["input_ids"], rb["attention_mask"], layer)
+            rlp, rn = logprobs_from_logits(rlogits, rb["labels"])
+            x.update(retain_hidden=rhidden, retain_ref_hidden=reference.hidden(rb, layer),
+                     retain_hidden_mask=rb["labels"] != D.IGNORE_INDEX)
         else:
             with torch.set_grad_enabled("retain_logp" in needs):
                 rlp, rn = sequence_logprobs(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
@@ -286,6 +341,23 @@ class UnlearnTask:
         terms = self.obj(x)
         tokens = int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
         return terms.loss, self._stats(terms, lp, n, rlp, rn, x), tokens
+
+    def _token_inputs(self, logits, hidden, fb: dict, ids, reference: Reference, layer) -> dict[str, torch.Tensor]:
+        """The per-token, logit-level and activation inputs of the forget batch that the objective reads."""
+        needs, x = self.obj.needs, {}
+        if needs & {"token_logp", "token_mask"}:
+            x["token_logp"], x["token_mask"] = token_logprobs_from_logits(logits, fb["labels"])
+        if "ref_token_logp" in needs:
+            x["ref_token_logp"] = reference.token_logp(ids, fb)
+        if needs & {"forget_logits", "forget_labels"}:
+            lg, targets, mask = shifted(logits, fb["labels"])
+            x.update(forget_logits=lg.float(), forget_labels=targets.clamp_min(0), token_mask=mask)
+        if "forget_ref_logits" in needs:
+            x["forget_ref_logits"] = reference.logits(fb).float()
+        if "hidden" in needs:
+            x.update(hidden=hidden.float(), hidden_mask=fb["labels"] != D.IGNORE_INDEX,
+                     rmu_control=rmu_control(hidden.shape[-1], float(self.obj.gamma), self.job.run.seed).to(hidden))
+        return x
 
     def _stats(self, terms, lp, n, rlp, rn, x) -> dict[str, torch.Tensor]:
         with torch.no_grad():

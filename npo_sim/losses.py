@@ -41,7 +41,8 @@ __all__ = [
     "wga", "tnpo", "satimp", "undial", "ce_u", "rmu", "hidden_mse", "kto",
     "Objective", "LossTerms", "OBJECTIVES", "FORGET_TERMS", "RETAIN_TERMS", "get_objective",
     "methods", "paper_table1", "label", "color",
-    "INPUT_KEYS", "DPO_SCALE",
+    "INPUT_KEYS", "REFERENCE_OF", "THETA_INPUTS", "CONVERGES", "NOT_APPLICABLE", "DPO_SCALE",
+    "skipped", "skip_note",
 ]
 
 
@@ -159,8 +160,10 @@ def kl(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None, batch_dim
 # ``(*replicas, n, T)`` labels and mask. Weights written ``sg(·)`` carry no gradient.
 def _token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     m = mask.to(per_token.dtype)
-    if m.shape != per_token.shape:
-        raise ValueError(f"mask shape {tuple(m.shape)} must be {tuple(per_token.shape)}")
+    if m.shape != per_token.shape:   # a mask without the replica axes applies to every replica
+        if m.shape != per_token.shape[per_token.ndim - m.ndim:]:
+            raise ValueError(f"mask shape {tuple(m.shape)} must be {tuple(per_token.shape)} (or its trailing axes)")
+        m = m.expand_as(per_token)
     n_tok = m.sum(-1)
     if bool((n_tok == 0).any()):
         raise ValueError("every example needs at least one answer token in its mask")
@@ -253,6 +256,8 @@ def kto(logp: Tensor, logp_ref: Tensor, z0: Tensor, beta: float | Tensor) -> Ten
 # composed objectives
 # --------------------------------------------------------------------------------------------------
 #: Every tensor an objective may ask for. A training loop computes exactly ``objective.needs``.
+#: Shapes: per-example ``(*replicas, n)``; per-token ``(*replicas, n, T)`` (one token per example, T = 1,
+#: in the classification settings); logits with the class/vocabulary axis last; activations ``(…, d)``.
 INPUT_KEYS = {
     "logp": "per-example forget log-likelihood under π_θ",
     "logp_ref": "per-example forget log-likelihood under π_ref (cacheable before training)",
@@ -263,7 +268,31 @@ INPUT_KEYS = {
     "retain_logits": "retain logits under π_θ, class/vocab axis last",
     "retain_ref_logits": "retain logits under π_ref",
     "retain_mask": "optional mask over retain_logits positions",
+    "token_logp": "per-token forget log-probs log π_θ(y_t|x, y_<t), (*replicas, n, T)",
+    "ref_token_logp": "the same under π_ref (cacheable before training)",
+    "token_mask": "answer-token mask of token_logp / forget_logits, (n, T), at least one token per example",
+    "forget_logits": "forget logits under π_θ at the positions of token_logp, (*replicas, n, T, V)",
+    "forget_ref_logits": "the same under π_ref (needs the reference model, or is cached in small settings)",
+    "forget_labels": "the forget answer's token (class) ids at those positions, (n, T)",
+    "hidden": "forget activations of the steered layer (RMU), (*replicas, n, T, d)",
+    "hidden_mask": "mask over hidden's positions (the answer tokens)",
+    "rmu_control": "RMU's fixed control vector c·u, (d,): u uniform on [0, 1)^d, normalised, c = γ",
+    "retain_hidden": "retain activations of the same layer under π_θ",
+    "retain_ref_hidden": "the same under π_ref",
+    "retain_hidden_mask": "mask over retain_hidden's positions",
 }
+
+#: θ-dependent input -> its reference counterpart (computed once at θ_0 by the synthetic loop)
+REFERENCE_OF = {"logp": "logp_ref", "idk_logp": "idk_logp_ref", "retain_logits": "retain_ref_logits",
+                "token_logp": "ref_token_logp", "forget_logits": "forget_ref_logits",
+                "retain_hidden": "retain_ref_hidden"}
+#: the inputs that depend on θ differentiably (lengths, masks, labels and the control vector do not)
+THETA_INPUTS = frozenset({"logp", "idk_logp", "retain_logp", "retain_logits", "token_logp", "forget_logits",
+                          "hidden", "retain_hidden"})
+
+#: a term's divergence law when its gradient weight has no power tail in p
+CONVERGES = "converges"   #: the target is a fixed distribution: the logit shift converges
+NOT_APPLICABLE = "n/a"    #: the term does not act on log p (RMU steers activations)
 
 
 @dataclass(frozen=True)
@@ -273,30 +302,87 @@ class _Term:
     fn: Callable[[Mapping[str, Tensor], Objective], Tensor]
     needs: frozenset[str]
     description: str
-    #: family of the forget term ("ga", "npo", "idk", "dpo"); claims such as "NPO-based methods ..." read it
+    #: family of the forget term ("ga", "npo", "idk", "dpo", "weighted", "distill", "representation");
+    #: claims such as "NPO-based methods ..." read it
     family: str = ""
-    #: whether the term is parametrised by β (GA and the IDK/NLL terms are not)
-    uses_beta: bool = False
+    #: the hyperparameters the term reads (``beta``, ``beta2``, ``gamma``); the others are ignored
+    hyper: tuple[str, ...] = ()
     #: how a sequence setting turns per-token log-probs into ``logp``: ``"sum"`` (the summed
     #: log-likelihood, for terms compared with a reference or normalised by length) or ``"token_mean"``
     #: (follows the setting's NLL reduction, e.g. ``npo-tofu --ga-reduction``, per-example token mean by default)
     reduction: str = "token_mean"
+    #: the tail exponent ``a`` of the gradient weight, ``W(p) ~ c·p^a`` as ``p → 0`` (one token), as a
+    #: function of the objective; or :data:`CONVERGES` / :data:`NOT_APPLICABLE`. The theory reads it:
+    #: a = 0 diverges linearly, a > 0 logarithmically with rate 1/a (``theory.weighted_ascent_shift``)
+    tail: Callable[[Objective], float] | str = NOT_APPLICABLE
+    #: the per-example (per-token) gradient weight ``W(logp, logp_ref, objective)`` with
+    #: ``∂L/∂log p_i = W_i/n``, for the terms that are exactly ``W·∇log p`` (None otherwise); the exact
+    #: single-sample flow (``theory.weighted_flow_margin``) and the weight identity tests read it
+    weight: Callable[[Tensor, Tensor, Objective], Tensor] | None = None
+    #: whether the loss couples the examples beyond a mean of per-example terms (KTO's reference point is a
+    #: batch mean): such a loss is not exact under zero-padding, and depends on how a batch is split
+    couples_examples: bool = False
+    #: for a :data:`CONVERGES` term: the |logit shift| its fixed target sets for one token of a two-class
+    #: model (the minimiser of the term); the logistic lab predicts the limit with it
+    limit: Callable[[Objective], float] | None = None
 
+    @property
+    def uses_beta(self) -> bool:
+        """Whether the term is parametrised by β (GA and the IDK/NLL terms are not)."""
+        return "beta" in self.hyper
+
+
+def _kto_z0(x: Mapping[str, Tensor]) -> Tensor:
+    """KTO's reference point: the mean IDK-answer log-ratio over the batch, without gradient (NPO repo)."""
+    return (x["idk_logp"] - x["idk_logp_ref"]).mean(-1, keepdim=True).detach()
+
+
+_TOKENS = frozenset({"token_logp", "token_mask"})
 
 FORGET_TERMS: dict[str, _Term] = {
-    "ga": _Term(lambda x, o: ga(x["logp"]), frozenset({"logp"}), "gradient ascent", family="ga"),
+    "ga": _Term(lambda x, o: ga(x["logp"]), frozenset({"logp"}), "gradient ascent", family="ga",
+                tail=lambda o: 0.0, weight=lambda lp, lp0, o: torch.ones_like(lp)),
     "npo": _Term(lambda x, o: npo(x["logp"], x["logp_ref"], o.beta),
                  frozenset({"logp", "logp_ref"}), "negative preference optimization",
-                 family="npo", uses_beta=True, reduction="sum"),
+                 family="npo", hyper=("beta",), reduction="sum", tail=lambda o: o.beta,
+                 weight=lambda lp, lp0, o: npo_weight(lp, lp0, o.beta)),
     "simnpo": _Term(lambda x, o: simnpo(x["logp"], x["length"], o.beta, o.gamma),
                     frozenset({"logp", "length"}), "SimNPO (reference-free, length-normalised)",
-                    family="npo", uses_beta=True, reduction="sum"),
+                    family="npo", hyper=("beta", "gamma"), reduction="sum", tail=lambda o: o.beta,
+                    weight=lambda lp, lp0, o: 2.0 * torch.sigmoid(o.beta * lp + o.gamma)),  # |y| = 1
     "idk": _Term(lambda x, o: nll(x["idk_logp"]), frozenset({"idk_logp"}),
                  "fit 'I don't know' answers on forget questions", family="idk"),
     "dpo": _Term(lambda x, o: dpo(x["idk_logp"], x["logp"], x["idk_logp_ref"], x["logp_ref"], o.beta),
                  frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref"}),
                  "DPO with the IDK answer as winner and the forget answer as loser",
-                 family="dpo", uses_beta=True, reduction="sum"),
+                 family="dpo", hyper=("beta",), reduction="sum", tail=lambda o: o.beta),
+    "wga": _Term(lambda x, o: wga(x["token_logp"], x["token_mask"], o.beta), _TOKENS,
+                 "weighted gradient ascent (per-token weight p^beta)", family="weighted", hyper=("beta",),
+                 tail=lambda o: o.beta, weight=lambda lp, lp0, o: torch.exp(o.beta * lp)),
+    "tnpo": _Term(lambda x, o: tnpo(x["token_logp"], x["ref_token_logp"], x["token_mask"], o.beta),
+                  _TOKENS | {"ref_token_logp"}, "token-level NPO", family="npo", hyper=("beta",),
+                  tail=lambda o: o.beta, weight=lambda lp, lp0, o: npo_weight(lp, lp0, o.beta)),
+    "satimp": _Term(lambda x, o: satimp(x["token_logp"], x["token_mask"], o.beta, o.beta2), _TOKENS,
+                    "SatImp (per-token weight p^beta (1-p)^beta2)", family="weighted", hyper=("beta", "beta2"),
+                    tail=lambda o: o.beta,
+                    weight=lambda lp, lp0, o: torch.exp(o.beta * lp) * (-torch.expm1(lp)).clamp_min(0) ** o.beta2),
+    "undial": _Term(lambda x, o: undial(x["forget_logits"], x["forget_ref_logits"], x["forget_labels"],
+                                        x["token_mask"], o.gamma),
+                    frozenset({"forget_logits", "forget_ref_logits", "forget_labels", "token_mask"}),
+                    "UNDIAL (distil the reference with the true logit lowered by gamma)", family="distill",
+                    hyper=("gamma",), tail=CONVERGES, limit=lambda o: o.gamma),
+    "ce_u": _Term(lambda x, o: ce_u(x["forget_logits"], x["forget_labels"], x["token_mask"]),
+                  frozenset({"forget_logits", "forget_labels", "token_mask"}),
+                  "CE-U (cross-entropy to the model's own distribution without the true token)",
+                  family="distill", tail=lambda o: 1.0),
+    "rmu": _Term(lambda x, o: rmu(x["hidden"], x["rmu_control"], x["hidden_mask"]),
+                 frozenset({"hidden", "hidden_mask", "rmu_control"}),
+                 "RMU (steer one layer's forget activations to gamma times a random unit vector)",
+                 family="representation", hyper=("gamma",), tail=NOT_APPLICABLE),
+    "kto": _Term(lambda x, o: kto(x["logp"], x["logp_ref"], _kto_z0(x), o.beta),
+                 frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref"}),
+                 "KTO (NPO repository's kto_sigmoid, IDK reference point)", family="kto", hyper=("beta",),
+                 reduction="sum", tail=lambda o: o.beta, couples_examples=True),
 }
 
 def _replica_dims(x: Mapping[str, Tensor]) -> int:
@@ -304,7 +390,7 @@ def _replica_dims(x: Mapping[str, Tensor]) -> int:
     for key in ("logp", "idk_logp", "retain_logp"):
         if key in x:
             return x[key].ndim - 1
-    return 0
+    return x["token_logp"].ndim - 2 if "token_logp" in x else 0
 
 
 RETAIN_TERMS: dict[str, _Term] = {
@@ -312,6 +398,9 @@ RETAIN_TERMS: dict[str, _Term] = {
     "kl": _Term(lambda x, o: kl(x["retain_logits"], x["retain_ref_logits"], x.get("retain_mask"),
                                 batch_dims=_replica_dims(x)),
                 frozenset({"retain_logits", "retain_ref_logits"}), "KL(π_ref ‖ π_θ) on retain data"),
+    "hidden": _Term(lambda x, o: hidden_mse(x["retain_hidden"], x["retain_ref_hidden"], x["retain_hidden_mask"]),
+                    frozenset({"retain_hidden", "retain_ref_hidden", "retain_hidden_mask"}),
+                    "retain activations kept at the reference's (RMU)"),
 }
 
 
@@ -334,8 +423,9 @@ class Objective:
     forget: str
     retain: tuple[str, ...] = ()
     beta: float | Tensor = 0.1   # a tensor gives one β per replica (batched grids)
-    gamma: float = 0.0
+    gamma: float = 0.0           # SimNPO's margin, UNDIAL's logit penalty, RMU's steering coefficient
     retain_weight: float = 1.0
+    beta2: float = 1.0           # SatImp's second exponent (the (1-p)^β2 factor)
     description: str = field(default="", compare=False)
     #: display label and colour, shared by every plot and table
     label: str = field(default="", compare=False)
@@ -356,6 +446,8 @@ class Objective:
             raise ValueError(f"gamma must be finite and >= 0, got {self.gamma!r}")
         if not (math.isfinite(self.retain_weight) and self.retain_weight >= 0):
             raise ValueError(f"retain_weight must be finite and >= 0, got {self.retain_weight!r}")
+        if not (math.isfinite(self.beta2) and self.beta2 >= 0):
+            raise ValueError(f"beta2 must be finite and >= 0, got {self.beta2!r}")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -376,9 +468,43 @@ class Objective:
         return FORGET_TERMS[self.forget].uses_beta
 
     @property
+    def hyper(self) -> tuple[str, ...]:
+        """The hyperparameters the forget term reads (plus ``retain_weight`` when there is a retain term)."""
+        return FORGET_TERMS[self.forget].hyper + (("retain_weight",) if self.retain else ())
+
+    @property
+    def tail(self) -> float | str:
+        """Tail exponent ``a`` of the forget term's gradient weight (``W ~ c·p^a``, one token), or
+        :data:`CONVERGES` / :data:`NOT_APPLICABLE`. Per-replica β gives a tensor."""
+        t = FORGET_TERMS[self.forget].tail
+        return t if isinstance(t, str) else t(self)
+
+    @property
+    def law(self) -> str:
+        """The divergence law the tail predicts: ``"linear"`` (a = 0), ``"log"`` (a > 0, rate 1/a),
+        ``"converges"`` or ``"n/a"``."""
+        t = self.tail
+        return t if isinstance(t, str) else ("linear" if float(t) == 0 else "log")
+
+    def weight(self, logp: Tensor, logp_ref: Tensor) -> Tensor:
+        """The forget term's per-example (per-token) gradient weight ``W`` (``∂L/∂log p_i = W_i/n``).
+
+        Raises ``ValueError`` for terms that are not of the weight form (DPO, IDK, UNDIAL, CE-U, RMU, KTO
+        read other inputs too)."""
+        w = FORGET_TERMS[self.forget].weight
+        if w is None:
+            raise ValueError(f"{self.name}: its forget term is not of the form W(p)·∇log p")
+        return w(logp, logp_ref, self)
+
+    @property
     def sequence_reduction(self) -> str:
         """``"sum"`` or ``"token_mean"``: how a sequence setting reduces token log-probs into ``logp``."""
         return FORGET_TERMS[self.forget].reduction
+
+    @property
+    def couples_examples(self) -> bool:
+        """Whether the forget term couples examples beyond a mean (see ``_Term.couples_examples``)."""
+        return FORGET_TERMS[self.forget].couples_examples
 
     @property
     def retain_free(self) -> bool:
@@ -386,12 +512,13 @@ class Objective:
 
     @property
     def uses_reference(self) -> bool:
-        return bool(self.needs & {"logp_ref", "idk_logp_ref", "retain_ref_logits"})
+        return bool(self.needs & set(REFERENCE_OF.values()))
 
     @property
     def needs_ref_logits(self) -> bool:
-        """True when a frozen reference *model* is needed (per-example log-probs cannot be cached)."""
-        return "retain_ref_logits" in self.needs
+        """True when a frozen reference *model* is needed in a sequence setting (reference logits or
+        activations; per-example and per-token log-probs can be cached instead)."""
+        return bool(self.needs & {"retain_ref_logits", "forget_ref_logits", "retain_ref_hidden"})
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> LossTerms:
         missing = self.needs - set(inputs)
@@ -425,15 +552,47 @@ OBJECTIVES: dict[str, Objective] = dict([
     _obj("dpo", "dpo", label="DPO", color="#8c564b"),
     _obj("dpo_rt", "dpo", "nll", label="DPO+RT", color="#bcbd22", paper_row=6, tags="synthetic"),
     _obj("dpo_kl", "dpo", "kl", label="DPO+KL", color="#9467bd"),
+    # the next objectives; defaults from open-unlearning's configs/trainer/{WGA,SatImp,UNDIAL,RMU}.yaml
+    # (their forget weight γ and retain weight α folded into retain_weight = α/γ up to the step size)
+    _obj("wga", "wga", label="WGA", color="#e6550d", beta=1.0),
+    _obj("wga_rt", "wga", "nll", label="WGA+RT", color="#fd8d3c", tags="tofu-mini", beta=1.0),
+    _obj("tnpo", "tnpo", label="TNPO", color="#6baed6"),
+    _obj("satimp", "satimp", label="SatImp", color="#756bb1", beta=5.0, beta2=1.0),
+    _obj("satimp_rt", "satimp", "nll", label="SatImp+RT", color="#9e9ac8", tags="tofu-mini", beta=5.0,
+         beta2=1.0, retain_weight=10.0),
+    _obj("undial", "undial", label="UNDIAL", color="#31a354", tags="tofu-mini", gamma=10.0),
+    _obj("ce_u", "ce_u", label="CE-U", color="#a55194"),
+    _obj("rmu", "rmu", "hidden", label="RMU", color="#843c39", tags="tofu-mini", gamma=300.0, retain_weight=1000.0),
+    _obj("kto", "kto", label="KTO", color="#b5cf6b"),
 ])
 
-
-def methods(tag: str | None = None, *, retain_free: bool | None = None, family: str | None = None) -> tuple[str, ...]:
+def methods(tag: str | None = None, *, retain_free: bool | None = None, family: str | None = None,
+            supplies: frozenset[str] | set[str] | None = None) -> tuple[str, ...]:
     """Registered method names in display order, optionally only those with ``tag`` / of ``family`` /
-    with (``retain_free=False``) or without (``True``) a retain term."""
+    with (``retain_free=False``) or without (``True``) a retain term / whose inputs a setting
+    ``supplies`` (a set of :data:`INPUT_KEYS`)."""
     return tuple(n for n, o in OBJECTIVES.items()
                  if (tag is None or tag in o.tags) and (family is None or o.family == family)
-                 and (retain_free is None or o.retain_free == retain_free))
+                 and (retain_free is None or o.retain_free == retain_free)
+                 and (supplies is None or o.needs <= set(supplies)))
+
+
+def skipped(supplies: frozenset[str] | set[str], names=None) -> dict[str, tuple[str, ...]]:
+    """``{method: the inputs it needs that the setting does not supply}`` over ``names`` (default: all)."""
+    out = {}
+    for n in (OBJECTIVES if names is None else names):
+        missing = OBJECTIVES[n].needs - set(supplies)
+        if missing:
+            out[n] = tuple(sorted(missing))
+    return out
+
+
+def skip_note(setting: str, supplies: frozenset[str] | set[str], names=None) -> str:
+    """One line: which registered methods ``setting`` cannot run, and the inputs each lacks ('' if none)."""
+    gone = skipped(supplies, names)
+    if not gone:
+        return ""
+    return f"{setting} skips " + "; ".join(f"{n} (no {', '.join(k)})" for n, k in gone.items())
 
 
 def paper_table1() -> tuple[str, ...]:
@@ -460,7 +619,7 @@ def get_objective(name: str, **hyperparameters) -> Objective:
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(OBJECTIVES))}")
-    allowed = {"beta", "gamma", "retain_weight"}
+    allowed = {"beta", "gamma", "retain_weight", "beta2"}
     bad = set(hyperparameters) - allowed
     if bad:
         raise ValueError(f"unknown hyperparameters {sorted(bad)}; allowed: {sorted(allowed)}")

@@ -227,3 +227,20 @@ def weighted_flow_margin(weight, t, m0: float, c: float, eta: float):
     """The exact flow's margin ``m(t)`` for a gradient weight ``weight(logp, logp0)``, by inverting
     :func:`weighted_flow_time` with brentq."""
     return _invert_flow(lambda m: weighted_flow_time(weight, m, m0, c, eta)[0], t, m0)
+
+
+def weighted_flow_solve(weight, t, m0: float, c: float, eta: float):
+    """The same flow as :func:`weighted_flow_margin`, ``m' = −η c·W(m)·σ(−m)``, by ODE integration
+    (``scipy.integrate.solve_ivp``, LSODA, rtol 1e-10): one integration for every t, for many record times."""
+    t = np.atleast_1d(np.asarray(t, dtype=float))
+    lp0 = -np.logaddexp(0.0, -m0)
+
+    def rhs(_, m):
+        return -eta * c * weight(-np.logaddexp(0.0, -m), lp0) * special.expit(-m)
+
+    order = np.argsort(t)
+    sol = integrate.solve_ivp(rhs, (0.0, float(t.max())), [m0], method="LSODA", t_eval=t[order],
+                              rtol=1e-10, atol=1e-12)
+    out = np.empty_like(t)
+    out[order] = sol.y[0]
+    return out

@@ -23,13 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .losses import Objective, npo_weight
+from .losses import REFERENCE_OF, THETA_INPUTS, Objective, npo_weight  # noqa: F401  (re-exported)
 from .runio import NonFiniteLoss  # noqa: F401  (re-exported: raised by run())
-
-#: θ-dependent input -> the name of its cached reference counterpart
-REFERENCE_OF = {"logp": "logp_ref", "idk_logp": "idk_logp_ref", "retain_logits": "retain_ref_logits"}
-#: the inputs that depend on θ differentiably (``length`` and masks do not)
-THETA_INPUTS = frozenset({"logp", "idk_logp", "retain_logp", "retain_logits"})
 
 
 class Adapter(Protocol):
@@ -111,8 +106,9 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
         if vjp is None:
             return torch.autograd.grad(total, params)
         keys = [k for k in inputs if k in THETA_INPUTS and inputs[k].requires_grad]
-        cot = torch.autograd.grad(total, [inputs[k] for k in keys])
-        return vjp(params, {k: inputs[k].detach() for k in keys}, dict(zip(keys, cot)))
+        cot = torch.autograd.grad(total, [inputs[k] for k in keys], allow_unused=True)
+        used = [(k, g) for k, g in zip(keys, cot) if g is not None]   # e.g. KTO reads idk_logp without gradient
+        return vjp(params, {k: inputs[k].detach() for k, _ in used}, dict(used))
 
     def _record(step: int, terms, inputs) -> None:
         with torch.no_grad():

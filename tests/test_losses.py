@@ -258,23 +258,54 @@ def test_unknown_name_lists_choices():
         npo(torch.zeros(2), torch.zeros(2), 0.0)
 
 
+def _all_inputs(n=2, T=3, V=4, d=5, seed=0):
+    """One value for every key of INPUT_KEYS (n examples, T tokens, V classes, d activations)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    mask = torch.ones(n, T, dtype=torch.int64)
+    mask[1, -1] = 0
+    tok = -torch.rand(n, T, generator=g) * 2 - 0.1
+    return {"logp": torch.tensor([-2.0, -0.5]), "logp_ref": torch.tensor([-1.0, -1.5]),
+            "length": torch.tensor([2.0, 3.0]), "idk_logp": torch.tensor([-1.2, -0.7]),
+            "idk_logp_ref": torch.tensor([-1.0, -1.0]), "retain_logp": torch.tensor([-0.3, -0.4]),
+            "retain_logits": r(n, 3), "retain_ref_logits": r(n, 3), "token_logp": tok,
+            "ref_token_logp": tok + 0.3 * r(n, T), "token_mask": mask, "forget_logits": r(n, T, V),
+            "forget_ref_logits": r(n, T, V), "forget_labels": torch.randint(0, V, (n, T), generator=g),
+            "hidden": r(n, T, d), "hidden_mask": mask, "rmu_control": r(d), "retain_hidden": r(n, T, d),
+            "retain_ref_hidden": r(n, T, d), "retain_hidden_mask": mask}
+
+
 def test_registry_method_facts():
-    # β changes exactly the objectives whose forget term is parametrised by it
+    x = _all_inputs()
+    assert set(x) >= set(losses.INPUT_KEYS) - {"retain_mask"}
     for name, obj in OBJECTIVES.items():
+        assert obj.needs <= set(losses.INPUT_KEYS), name
+        assert set(losses.REFERENCE_OF) <= losses.THETA_INPUTS
+        # β changes exactly the objectives whose forget term is parametrised by it
         b1, b2 = get_objective(name, beta=0.3), get_objective(name, beta=3.0)
-        x = {"logp": torch.tensor([-2.0, -0.5]), "logp_ref": torch.tensor([-1.0, -1.5]),
-             "length": torch.tensor([2.0, 3.0]), "idk_logp": torch.tensor([-1.2, -0.7]),
-             "idk_logp_ref": torch.tensor([-1.0, -1.0]), "retain_logp": torch.tensor([-0.3]),
-             "retain_logits": torch.zeros(1, 3), "retain_ref_logits": torch.zeros(1, 3)}
         changed = not torch.isclose(b1(x).forget, b2(x).forget)
-        assert changed == obj.uses_beta, name
-        assert obj.label and obj.color.startswith("#") and obj.family in {"ga", "npo", "idk", "dpo"}
-        # reference- or length-dependent terms take the summed sequence log-likelihood
-        assert (obj.sequence_reduction == "sum") == bool(
-            losses.FORGET_TERMS[obj.forget].needs & {"logp_ref", "idk_logp_ref", "length"}), name
+        assert changed == obj.uses_beta == ("beta" in obj.hyper), name
+        # so do the other declared hyperparameters, and only those
+        for hp, (v1, v2) in {"gamma": (0.5, 4.0), "beta2": (0.5, 3.0)}.items():
+            o1, o2 = get_objective(name, **{hp: v1}), get_objective(name, **{hp: v2})
+            moved = not torch.isclose(o1(x).forget, o2(x).forget)
+            # RMU's γ scales the control vector, which the setting supplies (so the term itself ignores it)
+            assert moved == (hp in obj.hyper and obj.forget != "rmu"), (name, hp)
+        assert obj.label and obj.color.startswith("#")
+        assert obj.family in {"ga", "npo", "idk", "dpo", "weighted", "distill", "representation", "kto"}
+        assert obj.law in {"linear", "log", "converges", "n/a"}
+        # sequence-level terms compared with a reference or normalised by length take the summed likelihood
+        term = losses.FORGET_TERMS[obj.forget]
+        if "logp" in term.needs:
+            assert (obj.sequence_reduction == "sum") == bool(term.needs & {"logp_ref", "idk_logp_ref", "length"}), name
     # the NPO paper's Table 1 (§4): GA, GA+RT, IDK+RT, NPO, NPO+RT, DPO+RT, in that order
     assert losses.paper_table1() == ("ga", "ga_rt", "idk_rt", "npo", "npo_rt", "dpo_rt")
     assert losses.methods(retain_free=True) == tuple(n for n, o in OBJECTIVES.items() if not o.retain)
-    assert set(losses.methods(family="npo")) == {"npo", "npo_rt", "npo_kl", "simnpo", "simnpo_rt"}
+    assert set(losses.methods(family="npo")) == {"npo", "npo_rt", "npo_kl", "simnpo", "simnpo_rt", "tnpo"}
+    # a setting runs what it can supply, and names what it skips with the missing inputs
+    per_example = {"logp", "logp_ref", "idk_logp", "idk_logp_ref", "length"}
+    assert losses.methods(supplies=per_example) == ("ga", "npo", "simnpo", "dpo", "kto")
+    assert losses.skipped(per_example, ["ga", "wga"]) == {"wga": ("token_logp", "token_mask")}
+    assert losses.skip_note("lab", per_example, ["ga", "wga"]) == "lab skips wga (no token_logp, token_mask)"
     assert losses.label("npo_rt") == "NPO+RT" and losses.label("unknown") == "unknown"
     assert len({o.color for o in OBJECTIVES.values()}) == len(OBJECTIVES)

@@ -113,3 +113,33 @@ def test_general_flow_reproduces_the_npo_flow():
     npo_w = lambda lp, lp0: 2.0 / (1.0 + np.exp(-beta * (lp - lp0)))  # noqa: E731
     assert np.allclose(T.weighted_flow_margin(npo_w, t, m0, c, eta), T.npo_flow_margin(t, m0, c, eta, beta),
                        rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", [n for n, o in L.OBJECTIVES.items()
+                                  if not o.retain and L.FORGET_TERMS[o.forget].weight is not None])
+def test_registry_weight_is_the_autograd_gradient(name):
+    """Every registered weight-form term: ∂L/∂log p_i = W_i/n (per example), or W_t/(|y_i|·n) per token."""
+    obj = L.get_objective(name, beta=0.7)
+    term = L.FORGET_TERMS[obj.forget]
+    ref = LP + torch.tensor([[0.4, -0.3], [0.2, 0.1]], dtype=torch.float64)
+    if "token_logp" in term.needs:
+        g = _grad(lambda x: obj({"token_logp": x, "ref_token_logp": ref, "token_mask": MASK}).forget, LP)
+        want = obj.weight(LP, ref) * MASK / MASK.sum(-1, keepdim=True) / 2
+    else:
+        lp, lp0 = LP[:, 0], ref[:, 0]
+        g = _grad(lambda x: obj({"logp": x, "logp_ref": lp0, "length": torch.ones_like(x)}).forget, lp)
+        want = obj.weight(lp, lp0) / 2
+    assert torch.allclose(g, want), name
+
+
+def test_tail_exponent_is_the_weights_power_law():
+    """W(p) ~ c·p^a as p -> 0: the slope of log W in log p, deep in the tail (a·log p ~ -100, -200), is a."""
+    for name, obj in L.OBJECTIVES.items():
+        if obj.retain or L.FORGET_TERMS[obj.forget].weight is None:
+            continue
+        lp = torch.tensor([-100.0, -200.0], dtype=torch.float64) / max(float(obj.tail), 0.05)
+        w = obj.weight(lp, torch.zeros_like(lp)).log()
+        slope = float((w[1] - w[0]) / (lp[1] - lp[0]))
+        assert slope == pytest.approx(float(obj.tail), abs=1e-6), name
+    assert L.OBJECTIVES["undial"].law == "converges" and L.OBJECTIVES["rmu"].law == "n/a"
+    assert L.OBJECTIVES["ga"].law == "linear" and L.OBJECTIVES["ce_u"].tail == 1.0

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="base data seed")
     p.add_argument("--methods", type=comma_list(), default=None,
                    help=f"comma list from {','.join(METHODS)} (default ga,npo)")
+    p.add_argument("--law-methods", type=comma_list(), default=None,
+                   help="more methods, run at the base point only, for their divergence law (or 'all')")
     p.add_argument("--etas", type=comma_list(float), default=None, help="comma list of step sizes eta")
     p.add_argument("--betas", type=comma_list(float), default=None, help="comma list of beta for the main grid")
     p.add_argument("--n-f", dest="n_fs", type=comma_list(int), default=None, help="comma list of forget-set sizes")
@@ -32,7 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> TheoryConfig:
     """The quick or default config with the given options (the base point follows a narrowed grid)."""
+    law = args.law_methods
+    if law == ["all"] or law == ("all",):
+        law = [m for m in METHODS if m not in (args.methods or TheoryConfig.methods)]
     over = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "methods": args.methods,
+                              "law_methods": tuple(law) if law is not None else None,
                               "etas": args.etas, "betas": args.betas, "n_fs": args.n_fs, "ds": args.ds,
                               "init": args.init, "max_c0": args.max_c0}.items() if v is not None}
     return make_config(QUICK if args.quick else TheoryConfig(), **over,

@@ -200,9 +200,40 @@ def beta_sweep(res: dict):
     return fig
 
 
+def laws(res: dict):
+    """Every method's RMS logit shift ‖θ_t − θ_init‖_{XᵀX}/√n_f at the base point, with the law its weight's
+    tail predicts (dashed): linear, (1/a)·log(1 + Kt) with K fitted, or the limit γ; one panel per law."""
+    s, ov, fits = res["summary"], res["overlays"], res["fits"]
+    kinds = [k for k in ("linear", "log", "converges") if any(e["law"] == k for e in s.get("laws", {}).values())]
+    fig, axes = new_figure(max(1, len(kinds)))
+    panels = dict(zip(kinds, axes[0]))
+    for method, e in s.get("laws", {}).items():
+        ax = panels[e["law"]]
+        rows = _base_rows(fits, s["config"], method)
+        cid = int((rows if e["beta"] is None else rows[np.isclose(rows.beta, e["beta"])]).config_id.iloc[0])
+        t, v = _overlay(ov, "law_measured", cid)
+        tp, vp = _overlay(ov, "law_predicted", cid)
+        keep, keep_p = t >= 1, tp >= 1
+        a = "" if e["tail"] is None else f", a={e['tail']:g}"
+        ax.plot(t[keep], v[keep], color=color(method), lw=2, label=f"{label(method)}{a}")
+        ax.plot(tp[keep_p], vp[keep_p], color=color(method), ls="--", lw=1)
+    for kind, ax in panels.items():
+        ax.set_xscale("log")
+        if kind == "linear":
+            ax.set_yscale("log")
+        ax.set_xlabel("step t (log)")
+        ax.set_ylabel(r"$\|\theta_t-\theta_{init}\|_{X^TX}/\sqrt{n_f}$")
+        ax.set_title({"linear": "a = 0: linear (dashed: η0·RMS(AAᵀ1)·t)",
+                      "log": "a > 0: (1/a)·log t (dashed: rate 1/a, K fitted)",
+                      "converges": "fixed target: converges (dashed: limit)"}[kind], fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
 #: file name -> figure function, in the order the lab's figures are drawn
 THEORY_FIGURES = {"theory_divergence.png": divergence, "theory_logit_shifts.png": logit_shifts,
-                  "theory_steps_to_reach.png": steps_to_reach, "theory_beta_sweep.png": beta_sweep}
+                  "theory_steps_to_reach.png": steps_to_reach, "theory_beta_sweep.png": beta_sweep,
+                  "theory_laws.png": laws}
 FIGURES = tuple(THEORY_FIGURES)
 
 

@@ -47,10 +47,10 @@ from ..runio import UserError
 from ..study import Results, Study
 from ..unlearn import log_steps, run
 from .logistic_claims import describe, findings
-from .logistic_data import LogisticAdapter, make_data
+from .logistic_data import SUPPLIES, LogisticAdapter, make_data, margin_inputs
 
-#: objectives with no retain term (the ones Theorem 2 is about)
-METHODS = losses.methods(retain_free=True)
+#: objectives with no retain term (the ones Theorem 2 is about) whose inputs the lab supplies
+METHODS = losses.methods(retain_free=True, supplies=SUPPLIES)
 INITS = ("margins", "random", "retain")
 DTYPE = torch.float64
 
@@ -65,6 +65,11 @@ class TheoryConfig:
     steps: int = 100_000
     seed: int = 0
     methods: tuple[str, ...] = ("ga", "npo")
+    #: more methods, run at the base point only (plus their flow check): each one's divergence law
+    law_methods: tuple[str, ...] = ()
+    #: per-method hyperparameters other than β, ``(method, name, value)``: UNDIAL's registry γ = 10 puts
+    #: its limit b → −γ beyond a 10^4-step horizon (the curvature there is ~e^{-10}), so the lab uses 3
+    overrides: tuple[tuple[str, str, float], ...] = (("undial", "gamma", 3.0),)
     etas: tuple[float, ...] = (0.25, 0.5, 1.0)
     n_fs: tuple[int, ...] = (8, 16, 32)
     ds: tuple[int, ...] = (2048, 8192)
@@ -98,10 +103,14 @@ class TheoryConfig:
             raise UserError(f"steps must be >= 1, got {self.steps}")
         if self.workers < 1:
             raise UserError(f"workers must be >= 1, got {self.workers}")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in (*self.methods, *self.law_methods) if m not in METHODS]
         if bad or not self.methods:
+            skip = losses.skip_note("the logistic lab", SUPPLIES, [m for m in bad if m in losses.OBJECTIVES])
             raise UserError(f"unknown or unsupported methods {bad}; choose from {', '.join(METHODS)} "
-                            "(objectives with a retain term are not part of Theorem 2)")
+                            "(objectives with a retain term are not part of Theorem 2"
+                            + (f"; {skip}" if skip else "") + ")")
+        for method, name, value in self.overrides:
+            losses.get_objective(method, **{name: value})   # ValueError on a bad name or value
         for name in ("etas", "betas", "beta_sweep"):
             vals = getattr(self, name)
             if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
@@ -182,6 +191,11 @@ class Run:
     d: int
     seed: int
     role: str = "grid"     # "grid" or "flow" (the single-sample flow check)
+    hyper: tuple[tuple[str, float], ...] = ()   # hyperparameters other than β (TheoryConfig.overrides)
+
+    def objective(self, beta=None) -> losses.Objective:
+        """This config's registry objective (``beta``: a per-replica tensor instead of ``self.beta``)."""
+        return _objective(self.method, self.beta if beta is None else beta, self.hyper)
 
 
 def _flow_oracles() -> dict:
@@ -200,7 +214,12 @@ def expand_grid(cfg: TheoryConfig) -> list[Run]:
         key = (method, beta, eta, n_f, d, seed, role)
         if key not in seen:
             seen.add(key)
-            runs.append(Run(len(runs), method, beta, eta, n_f, d, seed, role))
+            hyper = tuple((k, v) for m, k, v in cfg.overrides if m == method)
+            runs.append(Run(len(runs), method, beta, eta, n_f, d, seed, role, hyper))
+
+    def flow_check(method):
+        if _has_flow(method):
+            add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
 
     for method in cfg.methods:
         betas = cfg.betas if _uses_beta(method) else (math.nan,)
@@ -213,14 +232,21 @@ def expand_grid(cfg: TheoryConfig) -> list[Run]:
             if _uses_beta(method):
                 for beta in cfg.beta_sweep:
                     add(method, beta, cfg.base_eta, cfg.base_n_f, cfg.base_d, seed)
-        # single-sample check of the exact gradient flow (n_f = 1, small step so GD ≈ flow)
-        if losses.OBJECTIVES[method].forget in _flow_oracles():
-            add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
+        flow_check(method)   # the exact single-sample gradient flow (n_f = 1, small step so GD ≈ flow)
+    for method in cfg.law_methods:
+        add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.base_eta, cfg.base_n_f, cfg.base_d, 0)
+        flow_check(method)
     return runs
 
 
-def _objective(method: str, beta) -> losses.Objective:
-    return losses.get_objective(method, beta=beta) if _uses_beta(method) else losses.get_objective(method)
+def _has_flow(method: str) -> bool:
+    """Whether the method's forget term has an exact single-sample flow: a closed form, or a registry weight."""
+    forget = losses.OBJECTIVES[method].forget
+    return forget in _flow_oracles() or losses.FORGET_TERMS[forget].weight is not None
+
+
+def _objective(method: str, beta, hyper: tuple[tuple[str, float], ...] = ()) -> losses.Objective:
+    return losses.get_objective(method, **({"beta": beta} if _uses_beta(method) else {}), **dict(hyper))
 
 
 @dataclass(frozen=True)
@@ -284,20 +310,22 @@ def simulate_batch(runs: list[Run], data: dict, steps: int, record_at: list[int]
     beta = torch.ones(D, Rm, dtype=DTYPE)
     ids = np.full((D, Rm), -1)
     bounds: dict[str, list[int]] = {}
+    first = {}
     for i, ((method, *key), group) in enumerate(slots):
         key = tuple(key)
         f = torch.as_tensor(feats[key], dtype=DTYPE)
         Bt[i, : f.shape[1], : f.shape[0]] = f.T
         m0[i, 0, : key[0]] = torch.as_tensor(data[key].m0, dtype=DTYPE)
         bounds.setdefault(method, [i, i])[1] = i + 1
+        first.setdefault(method, group[0])
         for j, r in enumerate(group):
             lr[i, j] = r.eta * n_max / r.n_f                   # padding correction (see module doc)
             beta[i, j] = r.beta if _uses_beta(method) else 1.0
             ids[i, j] = r.config_id
     if len(bounds) == 1:
-        objective = _objective(next(iter(bounds)), beta)
+        objective = first[next(iter(bounds))].objective(beta)
     else:
-        objective = SlicedObjective(tuple((_objective(m, beta[a:b]), a, b) for m, (a, b) in bounds.items()), beta)
+        objective = SlicedObjective(tuple((first[m].objective(beta[a:b]), a, b) for m, (a, b) in bounds.items()), beta)
     out = run(LogisticAdapter(Bt, m0), objective, [torch.zeros(D, Rm, k_max, dtype=DTYPE)],
               steps=steps, lr=lr, record_at=record_at)
     out["config_id"] = ids.reshape(-1)[out["replica"]]
@@ -328,20 +356,25 @@ def _tidy(runs: list[Run], data: dict, raw: dict, cfg: TheoryConfig):
         b = np.stack([raw[f"b{i}"][sel] for i in range(r.n_f)], axis=1)        # (S, n_f)
         m = torch.as_tensor(dat.m0 + b, dtype=DTYPE)
         m_ref = torch.as_tensor(dat.m0, dtype=DTYPE).expand_as(m)
-        inputs = {"logp": F.logsigmoid(m), "logp_ref": F.logsigmoid(m_ref), "idk_logp": F.logsigmoid(-m),
-                  "idk_logp_ref": F.logsigmoid(-m_ref), "length": torch.ones_like(m)}
-        forget = _objective(r.method, r.beta)(inputs).forget.numpy()
-        w = (losses.npo_weight(inputs["logp"], inputs["logp_ref"], r.beta).mean(-1).numpy() if _uses_beta(r.method)
+        obj = r.objective()
+        forget = obj(margin_inputs(m, m_ref, obj.needs)).forget.numpy()
+        lp, lp0 = F.logsigmoid(m), F.logsigmoid(m_ref)
+        w = (losses.npo_weight(lp, lp0, r.beta).mean(-1).numpy() if _uses_beta(r.method)
              else np.full(len(steps), np.nan))
+        # the log law's small parameter (p/p_0)^a, as σ(a·(log p − log p_0)) (NPO's W/2 at β = a)
+        tail_w = (torch.sigmoid(float(obj.tail) * (lp - lp0)).mean(-1).numpy() if obj.law == "log"
+                  else np.full(len(steps), np.nan))
         ab = np.abs(b)
         traj.append(pd.DataFrame({
             "config_id": r.config_id, "role": r.role, "method": r.method, "beta": r.beta, "eta": r.eta,
             "n_f": r.n_f, "d": r.d, "seed": r.seed, "eta0": r.eta / r.n_f, "c_mean": dat.c.mean(),
+            # GA's exact drift b' = η0·AAᵀ1 once σ(−m) ≈ 1 (signed Gram matrix AAᵀ = BBᵀ): its RMS over samples
+            "gram_rowsum_rms": float(np.sqrt(np.mean((dat.B @ dat.B.sum(0)) ** 2))),
             "m0_mean": dat.m0.mean(), "C0": dat.C0, "theta_init_norm": dat.theta_norm, "step": steps,
             "dist_xtx": raw["dist_xtx"][sel], "dist_l2": raw["dist_l2"][sel],
             "rms_shift": np.sqrt((b ** 2).mean(1)), "abs_shift_min": ab.min(1), "abs_shift_mean": ab.mean(1),
             "abs_shift_max": ab.max(1), "forget_prob": torch.sigmoid(m).mean(-1).numpy(),
-            "forget_loss": forget, "npo_weight": w}))
+            "forget_loss": forget, "npo_weight": w, "tail_weight": tail_w}))
         if r.role == "flow" or (r.n_f == cfg.base_n_f and r.d == cfg.base_d and r.seed == 0
                                 and r.eta == cfg.base_eta):
             S, n = b.shape
@@ -390,10 +423,20 @@ def simulate_grid(cfg: TheoryConfig, progress=None) -> tuple:
         if key not in data:
             data[key] = make_data(*key, cfg)
     record = log_steps(cfg.steps, cfg.record_points)
-    if cfg.workers > 1 and len(cfg.methods) > 1:
-        groups = {m: [r for r in runs if r.method == m] for m in cfg.methods}
+    methods = tuple(dict.fromkeys(r.method for r in runs))
+    if cfg.workers > 1 and len(methods) > 1:
+        groups = {m: [r for r in runs if r.method == m] for m in methods}
     else:
-        groups = {"+".join(cfg.methods): runs}
+        groups = {"+".join(methods): runs}
+    # a loss that couples examples (KTO's batch-mean reference point) is not exact under zero-padding to
+    # another n_f: such methods run one program per n_f
+    coupled = {m for m in methods if losses.OBJECTIVES[m].couples_examples}
+    if coupled:
+        groups = {k: [r for r in g if r.method not in coupled] for k, g in groups.items()}
+        groups = {k: g for k, g in groups.items() if g}
+        for r in runs:
+            if r.method in coupled:
+                groups.setdefault(f"{r.method}@n_f={r.n_f}", []).append(r)
     results = _run_groups({m: (m, g, data, cfg.steps, record) for m, g in groups.items()}, cfg.workers)
     raws, timing = [], {}
     for name, (raw, seconds) in results.items():
@@ -401,7 +444,8 @@ def simulate_grid(cfg: TheoryConfig, progress=None) -> tuple:
         if progress:
             progress(f"  {name}: {len(groups[name])} configs x {cfg.steps} steps in {seconds:.1f}s")
         raws.append(raw)
-    raw = {k: np.concatenate([r[k] for r in raws]) for k in raws[0]}
+    keys = dict.fromkeys(k for r in raws for k in r)    # a program over smaller n_f has fewer b_i columns
+    raw = {k: np.concatenate([r.get(k, np.full(len(r["step"]), np.nan)) for r in raws]) for k in keys}
     traj, shifts = _tidy(runs, data, raw, cfg)
     return traj, shifts, timing
 
@@ -430,7 +474,10 @@ STUDY = Study("theory", simulate, findings, figures, describe=describe)
 
 
 def report_configs(smoke: bool) -> dict[str, TheoryConfig]:
-    """The run ``npo-sim figures`` makes: ``theory`` at the quick grid (smoke: 2000 steps, 4 sweep βs)."""
-    cfg = dataclasses.replace(QUICK, steps=2000, betas=(0.5, 1.0, 2.0), beta_sweep=(0.001, 0.1, 1.0, 10.0)) \
-        if smoke else QUICK
-    return {"theory": cfg}
+    """The run ``npo-sim figures`` makes: ``theory`` at the quick grid (smoke: 2000 steps, 4 sweep βs),
+    with every other method the lab supports at the base point, for its divergence law."""
+    law = tuple(m for m in METHODS if m not in QUICK.methods)
+    if smoke:   # one method of each other law kind draws the figure's panels
+        return {"theory": dataclasses.replace(QUICK, steps=2000, betas=(0.5, 1.0, 2.0),
+                                              beta_sweep=(0.001, 0.1, 1.0, 10.0), law_methods=("wga", "undial"))}
+    return {"theory": dataclasses.replace(QUICK, law_methods=law)}

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import theory
-from ..losses import OBJECTIVES
+from ..losses import FORGET_TERMS, OBJECTIVES, get_objective
 from ..metrics import linear_fit, log_fit
 
 if TYPE_CHECKING:
@@ -58,15 +59,27 @@ def fit_table(traj: pd.DataFrame, eps: float) -> pd.DataFrame:
         g = g.sort_values("step")
         t, D = g["step"].to_numpy(float), g["dist_xtx"].to_numpy()
         first = g.iloc[0]
-        # σ(−m) ≈ 1 needs a small forget probability; Lemma 4 also needs W ≈ 2(π/π_ref)^β << 1
-        small = np.fmax(g["forget_prob"].to_numpy(), g["npo_weight"].to_numpy() / 2)   # fmax ignores NaN W
+        # σ(−m) ≈ 1 needs a small forget probability; a log law (tail a > 0) also needs its weight's small
+        # parameter (p/p_0)^a << 1 (for NPO: W ≈ 2(π/π_ref)^β, Lemma 4)
+        tail = g["tail_weight"].to_numpy() if "tail_weight" in g else g["npo_weight"].to_numpy() / 2
+        small = np.fmax(g["forget_prob"].to_numpy(), tail)   # fmax ignores NaN (no tail weight)
         w, in_regime = _window(t, small, eps)
         lin, lg = linear_fit(t[w], D[w]), log_fit(t[w], D[w])
+        # the per-method law (``_laws``) reads the RMS logit shift ‖θ_t − θ_init‖_{XᵀX}/√n_f; its log-slope
+        # on the last decade, where the transient is smallest (the slope nears 1/a from above)
+        shift = g["rms_shift"].to_numpy()
+        last = w & (t >= t[-1] / 10)
+        s_lin, s_log = linear_fit(t[w], shift[w]), log_fit(t[last], shift[last])
+        decade = int(np.argmin(np.abs(t - t[-1] / 10)))
         rows.append({**{k: first[k] for k in ("config_id", "role", "method", "beta", "eta", "n_f", "d", "seed",
-                                              "eta0", "c_mean", "C0")},
+                                              "eta0", "c_mean", "m0_mean", "C0")},
+                     "gram_rowsum_rms": first.get("gram_rowsum_rms", np.nan),
                      "fit_from": float(t[w].min()), "in_regime": in_regime,
                      "linear_slope": lin.slope, "linear_r2": lin.r2, "log_slope": lg.slope, "log_r2": lg.r2,
-                     "distance_T": float(D[-1]), "npo_weight_T": float(g["npo_weight"].iloc[-1])})
+                     "distance_T": float(D[-1]), "npo_weight_T": float(g["npo_weight"].iloc[-1]),
+                     "shift_linear_slope": s_lin.slope, "shift_linear_r2": s_lin.r2, "shift_log_slope": s_log.slope,
+                     "shift_log_r2": s_log.r2, "shift_T": float(shift[-1]),
+                     "shift_last_decade": float(shift[-1] - shift[decade])})
     return pd.DataFrame(rows)
 
 
@@ -160,6 +173,80 @@ def _by_method(fits: pd.DataFrame, cfg: TheoryConfig) -> dict:
             out[method] = {k: row[k] for k in ("beta", "linear_slope", "linear_r2", "log_slope", "log_r2",
                                                "distance_T", "in_regime")}
     return out
+
+
+#: how far a fitted rate may sit from the predicted one, relative (log laws approach 1/a from below:
+#: at the window's start (p/p_0)^a = fit_eps, the local slope is (1 − fit_eps)/a)
+LAW_TOLERANCE = 0.15
+
+
+def _laws(fits: pd.DataFrame, traj: pd.DataFrame, cfg: TheoryConfig) -> tuple[dict, list]:
+    """Each method's divergence law at the base point: predicted from its weight's tail (registry), fitted
+    on the RMS logit shift ``‖θ_t − θ_init‖_{XᵀX}/√n_f``, with a predicted-law overlay.
+
+    * linear (a = 0): predicted slope ``η0·RMS_i((AAᵀ1)_i)`` (W = 1 and σ(−m) → 1; ``c̄·η0`` for orthogonal
+      features), fitted by a line over the fit window;
+    * log (a > 0): predicted rate ``1/a`` in ``|b| ≈ (1/a)·log t``, fitted as the slope in log t over the
+      last decade of the fit window (``in_regime`` needs the window to cover it); the overlay is
+      ``(1/a)·log(1 + K t)`` with K fitted;
+    * converges: the limit the term's fixed target sets (``_Term``'s facts: UNDIAL's ``|b| → γ`` for one
+      token of a two-class model), against ``|b|`` at T, with the last decade's change.
+    """
+    out, overlays = {}, []
+    for method in dict.fromkeys((*cfg.methods, *cfg.law_methods)):
+        beta = cfg.base_beta if OBJECTIVES[method].uses_beta else None
+        row = _base(fits, cfg, method, beta)
+        if row is None:
+            continue
+        obj = objective_of(method, row.beta, cfg)
+        t, shift = _curve(traj, int(row.config_id), "rms_shift")
+        in_regime = bool(row.in_regime) and row.fit_from <= t[-1] / 10
+        e = {"law": obj.law, "beta": None if beta is None else float(row.beta), "in_regime": in_regime,
+             "shift_T": row.shift_T, "shift_last_decade": row.shift_last_decade, "fit_from": row.fit_from}
+        if obj.law == "linear":
+            e.update(tail=0.0, predicted=float(row.gram_rowsum_rms * row.eta0), fitted=row.shift_linear_slope,
+                     r2=row.shift_linear_r2, other_r2=row.shift_log_r2)
+            pred = e["predicted"] * t
+        elif obj.law == "log":
+            a = float(obj.tail)
+            e.update(tail=a, predicted=1.0 / a, fitted=row.shift_log_slope, r2=row.shift_log_r2,
+                     other_r2=row.shift_linear_r2, flow_slope=_flow_window_slope(method, row, t, cfg))
+            pred = _log_law_overlay(t, shift, a, row.fit_from)
+        elif obj.law == "converges":
+            e.update(tail=None, predicted=float(FORGET_TERMS[obj.forget].limit(obj)), fitted=row.shift_T, r2=None,
+                     other_r2=None)
+            pred = np.full_like(t, e["predicted"])
+        else:
+            continue
+        e["rel_err"] = abs(e["fitted"] / e["predicted"] - 1) if e["predicted"] else None
+        out[method] = e
+        overlays += [_ov("law_measured", row.config_id, -1, t, shift), _ov("law_predicted", row.config_id, -1, t, pred)]
+    return out, overlays
+
+
+def _flow_window_slope(method: str, row: pd.Series, t: np.ndarray, cfg: TheoryConfig) -> float | None:
+    """The log-slope the exact single-sample flow (mean m0 and ‖x‖², step η0) has on the same last decade:
+    what a finite horizon leaves of the asymptotic 1/a. None when the term has no exact flow."""
+    if not _has_weight_flow(method):
+        return None
+    m0 = float(row.m0_mean) if "m0_mean" in row else 1.0
+    tt = t[(t >= t[-1] / 10) & (t >= row.fit_from)]
+    m = _flow_oracle(method, row.beta, cfg)(tt, m0, float(row.c_mean), float(row.eta0))
+    return float(log_fit(tt, m0 - m).slope)
+
+
+def _has_weight_flow(method: str) -> bool:
+    forget = OBJECTIVES[method].forget
+    return forget in FLOW_ORACLES or FORGET_TERMS[forget].weight is not None
+
+
+def _log_law_overlay(t: np.ndarray, shift: np.ndarray, a: float, t_from: float) -> np.ndarray:
+    """``(1/a)·log(1 + K t)`` with the rate fixed at the prediction and K fitted (least squares in log K)
+    on the records from ``t_from`` on."""
+    w = (t >= t_from) & (t > 0)
+    grid = np.logspace(-8, 4, 241)
+    err = [np.sum((np.log1p(k * t[w]) / a - shift[w]) ** 2) for k in grid]
+    return np.log1p(grid[int(np.argmin(err))] * t) / a
 
 
 def _beta_sweep(fits: pd.DataFrame, traj: pd.DataFrame, cfg: TheoryConfig, ga: pd.Series | None) -> list:
@@ -258,7 +345,28 @@ def _reach_table(traj: pd.DataFrame, summary: dict, ga: pd.Series, npo: pd.Serie
             "table": reach}
 
 
-def _flow_check(fits: pd.DataFrame, shifts: pd.DataFrame) -> dict:
+def objective_of(method: str, beta: float, cfg: TheoryConfig):
+    """The lab's objective for ``method`` at ``beta`` (NaN for β-free methods) with ``cfg.overrides``."""
+    hp = {k: v for m, k, v in cfg.overrides if m == method}
+    if OBJECTIVES[method].uses_beta:
+        hp["beta"] = float(beta)
+    return get_objective(method, **hp)
+
+
+def _flow_oracle(method: str, beta: float, cfg: TheoryConfig):
+    """``(t, m0, c, eta) -> m(t)``: a closed form (:data:`FLOW_ORACLES`), else the flow of the registry weight."""
+    forget = OBJECTIVES[method].forget
+    if forget in FLOW_ORACLES:
+        return lambda t, m0, c, eta: FLOW_ORACLES[forget](t, m0, c, eta, beta)
+    obj = objective_of(method, beta, cfg)
+
+    def weight(lp, lp0):
+        return obj.weight(torch.as_tensor(lp, dtype=torch.float64), torch.as_tensor(lp0, dtype=torch.float64)).numpy()
+
+    return lambda t, m0, c, eta: theory.weighted_flow_solve(weight, t, m0, c, eta)
+
+
+def _flow_check(fits: pd.DataFrame, shifts: pd.DataFrame, cfg: TheoryConfig) -> dict:
     """The single-sample runs against the exact gradient flow of their forget term (:data:`FLOW_ORACLES`)."""
     flow = {}
     for cid in fits[fits.role == "flow"].config_id:
@@ -266,8 +374,7 @@ def _flow_check(fits: pd.DataFrame, shifts: pd.DataFrame) -> dict:
         t, b, c, m0 = _sample_matrix(shifts, int(cid))
         pos = np.nonzero(t > 0)[0]
         pos = pos[:: max(1, len(pos) // 15)]
-        oracle = FLOW_ORACLES[OBJECTIVES[row.method].forget]
-        ref = oracle(t[pos], m0[0], c[0], row.eta, row.beta) - m0[0]
+        ref = _flow_oracle(row.method, row.beta, cfg)(t[pos], m0[0], c[0], row.eta) - m0[0]
         rel = np.abs(b[pos, 0] - ref) / np.abs(ref)
         flow[row.method] = {"eta": row.eta, "beta": row.beta, "m0": float(m0[0]), "c": float(c[0]),
                             "max_rel_err": float(rel.max()), "t_max": float(t[-1])}
@@ -299,7 +406,9 @@ def analyze(traj: pd.DataFrame, shifts: pd.DataFrame, cfg: TheoryConfig) -> tupl
         overlays += ov
     if ga is not None and npo is not None:
         summary["steps_to_reach"] = _reach_table(traj, summary, ga, npo)
-    summary["flow_check"] = _flow_check(fits, shifts)
+    summary["flow_check"] = _flow_check(fits, shifts, cfg)
+    summary["laws"], ov = _laws(fits, traj, cfg)
+    overlays += ov
     summary["config"] = cfg.resolved()
     ov = pd.concat(overlays, ignore_index=True) if overlays else pd.DataFrame(
         columns=["curve", "config_id", "sample", "step", "value"])

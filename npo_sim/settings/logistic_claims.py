@@ -12,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import claims as C
+from ..losses import label
 from ..study import Results
 
 FIG_DIVERGENCE = "theory_divergence.png"
 FIG_SWEEP = "theory_beta_sweep.png"
+FIG_LAWS = "theory_laws.png"
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,64 @@ RULES = (
 )
 
 
+# --------------------------------------------------------------------------------------------------
+# one row per objective: the divergence law its weight's tail predicts
+# --------------------------------------------------------------------------------------------------
+#: relative tolerances of the law verdicts (see :func:`law_verdict`)
+LAW_TOL = {"linear": 0.10, "log": 0.15, "converges": 0.05}
+LAW_FLOW_TOL = 0.05
+
+LAW_CRITERION = {
+    "linear": "holds when the RMS logit shift's line fit (R² > 0.99, above the log fit) has a slope within 10% of "
+              "the predicted η0·RMS(AAᵀ1) (c̄·η0 for orthogonal features)",
+    "log": "holds when the log t slope of the RMS logit shift over the last decade (log R² above linear R², log "
+           "regime reached) is within 15% of 1/a; partly when it is not but agrees within 5% with the exact "
+           "single-sample flow's slope on the same decade (a finite-horizon transient); fails otherwise",
+    "converges": "holds when the RMS logit shift at T is within 5% of the limit the fixed target sets and moved by "
+                 "less than 1% of it over the last decade",
+}
+
+
+def law_verdict(e: dict) -> str:
+    """The verdict on one method's law entry of the summary (``summary["laws"][method]``)."""
+    rel = e.get("rel_err")
+    if rel is None or e["fitted"] is None or e["fitted"] != e["fitted"]:
+        return C.NA
+    if e["law"] == "linear":
+        return C.verdict(rel <= LAW_TOL["linear"] and e["r2"] > 0.99 and e["r2"] > e["other_r2"])
+    if e["law"] == "log":
+        shape = e["r2"] > e["other_r2"] and e["in_regime"]
+        if shape and rel <= LAW_TOL["log"]:
+            return C.HOLDS
+        flow = e.get("flow_slope")
+        near_flow = flow is not None and abs(e["fitted"] / flow - 1) <= LAW_FLOW_TOL
+        return C.PARTLY if shape and near_flow else C.FAILS
+    return C.verdict(rel <= LAW_TOL["converges"] and abs(e["shift_last_decade"]) <= 0.01 * e["predicted"])
+
+
+def _law_claim(method: str, e: dict) -> C.Claim:
+    name = label(method)
+    if e["law"] == "linear":
+        claim = f"{name} (tail a = 0): ‖θ_t−θ_init‖ grows linearly in t"
+        measured = f"slope {e['fitted']:.4g} vs predicted η0·RMS(AAᵀ1) = {e['predicted']:.4g} (R² {e['r2']:.5f})"
+    elif e["law"] == "log":
+        claim = f"{name} (tail a = {e['tail']:g}): ‖θ_t−θ_init‖ grows like (1/a)·log t"
+        flow = e.get("flow_slope")
+        measured = (f"rate {e['fitted']:.3f} vs predicted 1/a = {e['predicted']:.3g}"
+                    + (f"; exact flow on the same decade {flow:.3f}" if flow is not None else "")
+                    + f"; log R² {e['r2']:.4f} vs linear {e['other_r2']:.3f}"
+                    + ("" if e["in_regime"] else "; log regime not reached"))
+    else:
+        claim = f"{name} (fixed target): the logit shift converges instead of diverging"
+        measured = (f"RMS shift at T {e['fitted']:.4g} vs limit {e['predicted']:.4g}; change over the last decade "
+                    f"{e['shift_last_decade']:.2g}")
+    return C.Claim(claim, measured, law_verdict(e), FIG_LAWS, LAW_CRITERION[e["law"]])
+
+
 def findings(results: Results, cfg=None) -> list[C.Claim]:
-    """The six Theorem-2 claims, judged on ``results.summary``."""
-    return [rule(results.summary) for rule in RULES]
+    """The six Theorem-2 claims, then one divergence-law row per method, judged on ``results.summary``."""
+    return [rule(results.summary) for rule in RULES] + [
+        _law_claim(m, e) for m, e in results.summary.get("laws", {}).items()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +178,7 @@ def findings(results: Results, cfg=None) -> list[C.Claim]:
 # --------------------------------------------------------------------------------------------------
 #: the two methods Theorem 2 compares: their rows come from the summary's headline entries
 _HEADLINE = ("ga", "npo")
+_LAW_TEXT = {"linear": "D ~ t", "log": "D ~ log t", "converges": "converges"}
 
 
 def _rate_lines(s: dict) -> list[str]:
@@ -135,8 +193,12 @@ def _rate_lines(s: dict) -> list[str]:
                      f"{'D ~ log t':<11}{e['log_slope']:>10.4g}{e['log_r2']:>9.5f}{e['distance_T']:>11.4g}{mark}")
     for method, e in s.get("by_method", {}).items():
         if method not in _HEADLINE:
-            lines.append(f"{method:<8}{e['beta']:>7g}{'':>6}{'':>5}  {'D ~ log t':<11}{e['log_slope']:>10.4g}"
-                         f"{e['log_r2']:>9.5f}{e['distance_T']:>11.4g}")
+            law = s.get("laws", {}).get(method, {}).get("law", "log")
+            linear = law == "linear"
+            beta = "-" if e["beta"] != e["beta"] else format(e["beta"], "g")   # NaN: β-free
+            lines.append(f"{method:<8}{beta:>7}{'':>6}{'':>5}  {_LAW_TEXT.get(law, law):<11}"
+                         f"{e['linear_slope' if linear else 'log_slope']:>10.4g}"
+                         f"{e['linear_r2' if linear else 'log_r2']:>9.5f}{e['distance_T']:>11.4g}")
     return lines
 
 
@@ -160,4 +222,13 @@ def describe(results: Results, cfg=None) -> str:
     if "flow_check" in s:
         lines.append("single-sample flow check, max rel. error: " + ", ".join(
             f"{k} {v['max_rel_err']:.2%}" for k, v in s["flow_check"].items()))
+    if s.get("laws"):
+        lines.append("divergence law per method (base point; RMS logit shift; predicted from the weight's tail a):")
+        lines.append(f"  {'method':<8}{'law':<10}{'a':>5}{'predicted':>11}{'fitted':>9}{'exact flow':>12}  verdict")
+        for m, e in s["laws"].items():
+            what = {"linear": "slope", "log": "rate 1/a", "converges": "limit"}[e["law"]]
+            flow = e.get("flow_slope")
+            lines.append(f"  {m:<8}{e['law']:<10}{'-' if e['tail'] is None else format(e['tail'], 'g'):>5}"
+                         f"{e['predicted']:>11.4g}{e['fitted']:>9.4g}{'' if flow is None else format(flow, '.4g'):>12}"
+                         f"  {law_verdict(e)} ({what})")
     return "\n".join(lines)

@@ -142,43 +142,72 @@ def make_data(n_f: int, d: int, seed: int, cfg: TheoryConfig, keep_features: boo
 # --------------------------------------------------------------------------------------------------
 # the adapter: per-example log-likelihoods from the reduced parameters
 # --------------------------------------------------------------------------------------------------
+#: the inputs the lab supplies: one token per example, two classes (the forget label and the other, which
+#: plays the IDK answer), no retain set and no activations (RMU and every retain term are skipped)
+SUPPLIES = frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref", "length", "token_logp", "ref_token_logp",
+                      "token_mask", "forget_logits", "forget_ref_logits", "forget_labels"})
+
+#: θ-side inputs as functions of the margins ``m`` (shape ``(..., n)``); the references are the same at m0
+MARGIN_INPUTS = {
+    "logp": lambda m: F.logsigmoid(m),
+    "idk_logp": lambda m: F.logsigmoid(-m),
+    "length": lambda m: torch.ones_like(m),
+    "token_logp": lambda m: F.logsigmoid(m).unsqueeze(-1),                      # (..., n, 1)
+    "token_mask": lambda m: torch.ones(m.shape + (1,), dtype=m.dtype),
+    "forget_logits": lambda m: torch.stack([torch.zeros_like(m), m], -1).unsqueeze(-2),  # (..., n, 1, 2)
+    "forget_labels": lambda m: torch.ones(m.shape + (1,), dtype=torch.long),      # the forget label: class 1
+}
+
+
+def margin_inputs(m: torch.Tensor, m_ref: torch.Tensor, keys) -> dict[str, torch.Tensor]:
+    """Every input in ``keys`` from margins ``m`` and reference margins ``m_ref`` (no model involved)."""
+    from ..losses import REFERENCE_OF
+
+    base_of = {ref: k for k, ref in REFERENCE_OF.items()}
+    return {k: MARGIN_INPUTS[base_of[k]](m_ref) if k in base_of else MARGIN_INPUTS[k](m) for k in keys}
+
+
 class LogisticAdapter:
     """Batched logistic forget set. Params: one tensor ``z`` of shape ``(D, R, k)`` (datasets × replicas).
 
     ``Bt`` has shape ``(D, k, n)`` and ``m0`` ``(D, 1, n)``; margins are ``m = m0 + z @ Bt``. Passing the
     full label-signed feature matrix as ``Bt`` (``k = d``) gives plain gradient descent on θ − θ_init.
-    Inputs: ``logp = log σ(m)`` (the forget label), ``idk_logp = log σ(−m)`` (the other label, DPO's
-    winner), ``length = 1`` (one token).
+    Inputs (:data:`MARGIN_INPUTS`): ``logp = log σ(m)`` (the forget label), ``idk_logp = log σ(−m)`` (the
+    other label, DPO's winner), ``length = 1``, and the same example as one token: ``token_logp``, the
+    two-class logits ``[0, m]`` with label 1, and a mask of ones.
     """
 
     def __init__(self, Bt: torch.Tensor, m0: torch.Tensor):
         self.Bt, self.m0 = Bt, m0
-        self._inputs = {
-            "logp": lambda m: F.logsigmoid(m),
-            "idk_logp": lambda m: F.logsigmoid(-m),
-            "length": lambda m: torch.ones_like(m),
-        }
 
     def shifts(self, z: torch.Tensor) -> torch.Tensor:
         return torch.matmul(z, self.Bt)
 
     def inputs(self, params, keys):
         m = torch.baddbmm(self.m0, params[0], self.Bt)          # m0 + z @ Bt in one kernel
-        return {k: self._inputs[k](m) for k in keys}
+        return {k: MARGIN_INPUTS[k](m) for k in keys}
 
     def vjp(self, params, inputs, cotangents):
         """Closed-form chain rule (the model is linear in ``z``): ``∂L/∂z = c @ Btᵀ``.
 
-        The margin cotangent is ``c = ḡ_logp·σ(−m) − ḡ_idk·σ(m)``, read off the inputs themselves:
-        ``σ(−m) = −expm1(log σ(m))`` and ``σ(m) = −expm1(log σ(−m))`` (accurate at both ends). One
-        batched matrix product; autograd never sees the model.
+        The margin cotangent is ``c = (ḡ_logp + ḡ_token)·σ(−m) − ḡ_idk·σ(m) + ḡ_logits[class 1]``, read
+        off the inputs themselves: ``σ(−m) = −expm1(log σ(m))`` and ``σ(m) = −expm1(log σ(−m))``
+        (accurate at both ends). One batched matrix product; autograd never sees the model.
         """
         c = None
-        if "logp" in cotangents:
-            c = -cotangents["logp"] * torch.expm1(inputs["logp"])
-        if "idk_logp" in cotangents:
-            term = cotangents["idk_logp"] * torch.expm1(inputs["idk_logp"])
+
+        def add(term):
+            nonlocal c
             c = term if c is None else c + term
+
+        if "logp" in cotangents:
+            add(-cotangents["logp"] * torch.expm1(inputs["logp"]))
+        if "token_logp" in cotangents:
+            add(-cotangents["token_logp"][..., 0] * torch.expm1(inputs["token_logp"][..., 0]))
+        if "idk_logp" in cotangents:
+            add(cotangents["idk_logp"] * torch.expm1(inputs["idk_logp"]))
+        if "forget_logits" in cotangents:
+            add(cotangents["forget_logits"][..., 0, 1])
         if c is None:
             return [torch.zeros_like(params[0])]
         return [torch.matmul(c, self.Bt.transpose(-1, -2))]

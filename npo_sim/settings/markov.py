@@ -152,6 +152,8 @@ class MarkovConfig:
                 get_objective(m)
             except ValueError as exc:  # lists the valid names
                 raise UserError(str(exc)) from None
+            if m not in METHODS:
+                raise UserError(losses.skip_note("the Markov setting", SUPPLIES, [m]))
             if m in IDK_METHODS and self.n_states <= 3 * self.group_size:
                 raise UserError(f"method {m!r} needs the no-chain IDK state (n_states > 3*group_size)")
 
@@ -161,13 +163,21 @@ def forget_step_scale(term: str, scale: float, among: Sequence[str] | None = Non
     return tuple((m, scale) for m in (losses.methods() if among is None else among) if OBJECTIVES[m].forget == term)
 
 
-#: the transformer presets run plain GA and the NPO family without reference-logit (KL) terms
+#: what the Markov setting supplies: every input but activations (no RMU: the tabular model has none, and
+#: the transformer's are not exposed); per-token forget inputs and their reference (cached at θ_0) included
+SUPPLIES = frozenset(losses.INPUT_KEYS) - {"hidden", "hidden_mask", "rmu_control", "retain_hidden",
+                                           "retain_ref_hidden", "retain_hidden_mask"}
+#: every registered method the setting can run
+METHODS = losses.methods(supplies=SUPPLIES)
+#: the transformer presets run plain GA, the NPO family and the weighted/distillation terms, without the
+#: retain-KL terms
 TRANSFORMER_METHODS = losses.methods(family="ga", retain_free=True) + tuple(
-    m for m in losses.methods(family="npo") if not OBJECTIVES[m].needs_ref_logits)
+    m for m in METHODS if OBJECTIVES[m].family in ("npo", "weighted", "distill") and "retain_ref_logits"
+    not in OBJECTIVES[m].needs)
 #: preset -> overrides common to both models
 PRESETS = {
-    "length": dict(forget2_length=5, methods=losses.methods()),
-    "memorization": dict(pretrain_forget2=False, methods=losses.methods()),
+    "length": dict(forget2_length=5, methods=METHODS),
+    "memorization": dict(pretrain_forget2=False, methods=METHODS),
     "divergence": dict(methods=tuple(DIVERGENCE_LAWS)),
 }
 #: (preset or "*", model) -> overrides; then (…, "quick") on top for --quick

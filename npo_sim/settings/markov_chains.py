@@ -190,7 +190,8 @@ class TabularModel:
         ``input = C @ S.reshape(-1)`` for a count matrix ``C``; so the pulled-back weights are
         ``N = Σ_k cotangent_kᵀ C_k`` (a ``(K+1, K)`` table of weighted counts) and
         ``∂/∂Z = N − rowsum(N)·softmax(Z)``. ``retain_logits`` is ``Z`` itself: its cotangent adds to ``∂/∂Z``
-        directly. ``data`` names the sequences of each input (``logp``, ``idk_logp``, ``retain_logp``).
+        directly. ``data`` names the sequences of each input (``logp``, ``idk_logp``, ``retain_logp``) and, for
+        the compact per-token inputs (``token_logp``, ``forget_logits``), their table entries (``tokens``).
         """
         Z = self.row_logits(params)
         N = torch.zeros_like(Z)
@@ -206,9 +207,16 @@ class TabularModel:
         if "retain_logp" in cotangents:
             mean = data["retain_logp"].count_stats(self.K)[0].reshape(Z.shape[-2:])
             N = N + cotangents["retain_logp"].sum(-1)[..., None, None] * mean
+        if "token_logp" in cotangents:   # compact token inputs (TabularAdapter): entries of the log-softmax table
+            idx = data["tokens"]
+            flat = torch.zeros(Z.shape[:-2] + (Z.shape[-2] * Z.shape[-1],), dtype=Z.dtype)
+            N = N + flat.index_add(-1, idx, cotangents["token_logp"].to(Z.dtype).squeeze(-2)).reshape(Z.shape)
         gz = N - N.sum(-1, keepdim=True) * torch.softmax(Z, -1)
         if "retain_logits" in cotangents:
             gz = gz + cotangents["retain_logits"]
+        if "forget_logits" in cotangents:  # compact: each entry's logits are its row of Z
+            rows = data["tokens"] // self.K
+            gz = gz.index_add(-2, rows, cotangents["forget_logits"].to(Z.dtype).squeeze(-3))
         return [gz[..., 0, :], gz[..., 1:, :]]
 
     def contexts(self, data: SeqSet) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,7 +282,8 @@ class MarkovAdapter:
         rng = np.random.default_rng((self.seed, step))
         self._fi = torch.as_tensor(rng.choice(len(self.forget), min(self.batch_size, len(self.forget)), replace=False))
         self._ri = torch.as_tensor(rng.choice(len(self.retain), min(self.batch_size, len(self.retain)), replace=False))
-        pick = {"logp_ref": self._fi, "idk_logp_ref": self._fi, "retain_ref_logits": self._ri}
+        pick = {"logp_ref": self._fi, "idk_logp_ref": self._fi, "retain_ref_logits": self._ri,
+                "ref_token_logp": self._fi, "forget_ref_logits": self._fi}
         return {k: v[pick[k]] for k, v in ref.items()}
 
     def _sub(self, data: SeqSet | None, idx) -> SeqSet | None:
@@ -293,6 +302,23 @@ class MarkovAdapter:
             out["retain_logp"] = self.model.retain_logp(params, retain)
         if "retain_logits" in keys:
             out["retain_logits"], out["retain_mask"] = self.model.retain_logits(params, retain)
+        out.update(self._token_inputs(params, forget, keys))
+        return out
+
+    def _token_inputs(self, params: Sequence[Tensor], forget: SeqSet, keys: frozenset[str]) -> dict[str, Tensor]:
+        """Per-token forget inputs, one row per sequence: ``(n, L)`` log-probs of the next states, the
+        ``(n, L, K)`` next-state log-probabilities as logits, the states as labels, the validity mask."""
+        out: dict[str, Tensor] = {}
+        if keys & {"token_logp", "forget_logits"}:
+            nl = self.model.next_logprobs(params, forget)
+            if "token_logp" in keys:
+                out["token_logp"] = nl.gather(-1, forget.seqs.unsqueeze(-1)).squeeze(-1)
+            if "forget_logits" in keys:
+                out["forget_logits"] = nl
+        if "token_mask" in keys:
+            out["token_mask"] = forget.mask.to(torch.get_default_dtype())
+        if "forget_labels" in keys:
+            out["forget_labels"] = forget.seqs
         return out
 
     def metrics(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -307,7 +333,37 @@ class TabularAdapter(MarkovAdapter):
     def vjp(self, params: Sequence[Tensor], inputs: dict[str, Tensor], cotangents: dict[str, Tensor]) -> list[Tensor]:
         data = {"logp": self._sub(self.forget, self._fi), "idk_logp": self._sub(self.idk, self._fi),
                 "retain_logp": self._sub(self.retain, self._ri)}
+        if "token_logp" in cotangents or "forget_logits" in cotangents:
+            data["tokens"] = self._entries(data["logp"])[0]
         return self.model.vjp(params, data, cotangents)
+
+    def _entries(self, forget: SeqSet) -> tuple[Tensor, Tensor]:
+        """The forget set's distinct (row, next state) table entries and their weights
+        ``w_e = mean_i c_i(e)/L_i`` (``c_i`` = entry counts of sequence i), non-zero ones only (cached)."""
+        if getattr(forget, "_entries", None) is None:
+            w = (forget.counts(self.model.K) / forget.lengths[:, None].double()).mean(0)
+            idx = torch.nonzero(w).squeeze(-1)
+            forget._entries = (idx, w[idx])
+        return forget._entries
+
+    def _token_inputs(self, params: Sequence[Tensor], forget: SeqSet, keys: frozenset[str]) -> dict[str, Tensor]:
+        """Per-token inputs in the tabular model's compact form: one pseudo-example whose tokens are the
+        distinct table entries, weighted by :meth:`_entries`. A per-token value depends on its (row, state)
+        only, so every token-level term (a token mean per sequence, then a mean over sequences) is exact."""
+        out: dict[str, Tensor] = {}
+        idx, w = self._entries(forget)
+        K = self.model.K
+        if "token_logp" in keys:
+            flat = F.log_softmax(self.model.row_logits(params), -1).flatten(-2)       # (*R, (K+1)·K)
+            out["token_logp"] = flat[..., idx].unsqueeze(-2)                          # (*R, 1, E)
+        if "forget_logits" in keys:
+            Z = self.model.row_logits(params)                                         # (*R, K+1, K)
+            out["forget_logits"] = Z[..., idx // K, :].unsqueeze(-3)                  # (*R, 1, E, K)
+        if "token_mask" in keys:
+            out["token_mask"] = w[None]                     # float64 weights (the table is float64)
+        if "forget_labels" in keys:
+            out["forget_labels"] = (idx % K)[None]
+        return out
 
 
 #: model kind -> its adapter class

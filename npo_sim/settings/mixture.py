@@ -40,8 +40,20 @@ from .mixture_pretrain import PRETRAINERS
 
 ALPHAS = (1.0, 0.0)
 PRETRAIN_CHOICES = tuple(PRETRAINERS)
-#: the methods run by default: the paper's Table 1 in its order, then the other "synthetic" methods
-METHODS = losses.paper_table1() + tuple(m for m in losses.methods("synthetic") if m not in losses.paper_table1())
+#: what the mixture supplies: per-example and one-token inputs of a two-class model, retain logits; no
+#: activations (its random features are fixed, so RMU has nothing to steer)
+SUPPLIES = frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref", "length", "retain_logp", "retain_logits",
+                      "retain_ref_logits", "retain_mask", "token_logp", "ref_token_logp", "token_mask",
+                      "forget_logits", "forget_ref_logits", "forget_labels"})
+#: every method the setting supports: the paper's Table 1 in its order, then the others (``--methods all``)
+SUPPORTED = losses.paper_table1() + tuple(
+    m for m in losses.methods(supplies=SUPPLIES) if m not in losses.paper_table1())
+#: the methods run by default: Table 1, then the other "synthetic" methods (the step overhead grows with
+#: each method, so the next objectives run on request: their laws are the logistic lab's rows)
+METHODS = tuple(m for m in SUPPORTED if m in losses.paper_table1() or "synthetic" in OBJECTIVES[m].tags)
+#: the Table-1 family whose step size a method of a family outside Table 1 borrows (WGA/SatImp are weighted
+#: GA, UNDIAL/CE-U distil towards a target like GA's likelihood terms, KTO is NPO-like)
+DONOR_FAMILY = {"weighted": "ga", "distill": "ga", "kto": "npo"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,10 +84,11 @@ def _spec(name: str, table: Mapping[str, tuple]) -> MethodSpec:
     A term that needs ``length`` (SimNPO) sees ``|y| = 1`` here, with the registry's margin γ.
     """
     o = OBJECTIVES[name]
-    lr, beta = table[o.family]
+    family = o.family if o.family in table else DONOR_FAMILY[o.family]
+    lr, beta = table[family]
     if o.paper_row is not None:
         return MethodSpec(name, lr, beta)
-    donor = OBJECTIVES[next(m for m in losses.paper_table1() if OBJECTIVES[m].family == o.family)]
+    donor = OBJECTIVES[next(m for m in losses.paper_table1() if OBJECTIVES[m].family == family)]
     if not o.uses_beta:
         beta, how = None, ""
     elif o.forget == donor.forget:
@@ -87,7 +100,7 @@ def _spec(name: str, table: Mapping[str, tuple]) -> MethodSpec:
 
 #: alpha -> method -> hyperparameters
 HYPERPARAMETERS: dict[float, dict[str, MethodSpec]] = {
-    alpha: {m: _spec(m, table) for m in METHODS} for alpha, table in PAPER_TABLE1.items()}
+    alpha: {m: _spec(m, table) for m in SUPPORTED} for alpha, table in PAPER_TABLE1.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +140,9 @@ class SyntheticConfig:
         if isinstance(self.methods, str):
             raise UserError(f"methods must be a tuple of method names, got the string {self.methods!r}")
         bad = [m for m in self.methods if m not in HYPERPARAMETERS[self.alpha]]
+        unsupported = [m for m in bad if m in OBJECTIVES]
+        if unsupported:
+            raise UserError(losses.skip_note("the §4 mixture", SUPPLIES, unsupported))
         if bad or not self.methods:
             raise UserError(f"unknown method(s) {', '.join(bad) or '(none given)'}; "
                             f"choose from {', '.join(METHODS)}")

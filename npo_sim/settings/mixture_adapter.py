@@ -104,6 +104,11 @@ class MixtureAdapter:
         "length": ("forget", lambda a, z: torch.ones_like(z)),                     # one label: |y| = 1
         "retain_logp": ("retain", lambda a, z: F.logsigmoid(a._per_replica(a.s_retain, z.shape[0]) * z)),
         "retain_logits": ("retain", lambda a, z: torch.stack([torch.zeros_like(z), z], -1)),  # classes [0, 1]
+        # the forget example as one token (T = 1): its log-prob, the two-class logits [0, z], its class
+        "token_logp": ("forget", lambda a, z: F.logsigmoid(a._per_replica(a.s_forget, z.shape[0]) * z)[..., None]),
+        "token_mask": ("forget", lambda a, z: torch.ones(z.shape + (1,), dtype=z.dtype)),
+        "forget_logits": ("forget", lambda a, z: torch.stack([torch.zeros_like(z), z], -1)[..., None, :]),
+        "forget_labels": ("forget", lambda a, z: (a._per_replica(a.s_forget, z.shape[0]) > 0).long()[..., None]),
     }
 
     def inputs(self, params: Sequence[Tensor], keys: frozenset[str]) -> dict[str, Tensor]:
@@ -116,7 +121,8 @@ class MixtureAdapter:
 
     #: θ-dependent input -> (which features, its sign labels or None, how ∂input/∂z is read)
     VJP = {"logp": ("forget", "s_forget"), "idk_logp": ("forget", "s_idk"),
-           "retain_logp": ("retain", "s_retain"), "retain_logits": ("retain", None)}
+           "retain_logp": ("retain", "s_retain"), "retain_logits": ("retain", None),
+           "token_logp": ("forget", "s_forget"), "forget_logits": ("forget", None)}
 
     def vjp(self, params: Sequence[Tensor], inputs: Mapping[str, Tensor],
             cotangents: Mapping[str, Tensor]) -> list[Tensor]:
@@ -131,10 +137,13 @@ class MixtureAdapter:
         dz: dict[str, Tensor] = {}
         for key, c in cotangents.items():
             part, sign = self.VJP[key]
+            x = inputs[key]
+            if key in ("token_logp", "forget_logits"):   # one token per example: drop the T = 1 axis
+                c, x = c[..., 0, :] if key == "forget_logits" else c[..., 0], x[..., 0]
             if sign is None:
                 d = c[..., 1]
             else:
-                d = c * self._per_replica(getattr(self, sign), c.shape[0]) * -torch.expm1(inputs[key])
+                d = c * self._per_replica(getattr(self, sign), c.shape[0]) * -torch.expm1(x)
             if key in self.blocks:                                             # compact: back to all G rows
                 full = torch.zeros(G // self.S, self.S, d.shape[-1], dtype=d.dtype)
                 full[self.blocks[key]] = d.reshape(-1, self.S, d.shape[-1])
@@ -202,7 +211,8 @@ class MultiObjective:
 BASE_OF = {ref: k for k, ref in unlearn.REFERENCE_OF.items()}
 #: inputs computed only for the method blocks that read them (``logp`` stays full: the loop's
 #: ``npo_weight`` record pairs it with the per-replica β)
-COMPACT = ("idk_logp", "length", "retain_logp", "retain_logits")
+COMPACT = ("idk_logp", "length", "retain_logp", "retain_logits", "token_logp", "token_mask", "forget_logits",
+           "forget_labels")
 
 
 def build_program(specs: Mapping[str, MethodSpec], S: int, dtype) -> tuple[MultiObjective, Tensor]:
