@@ -32,6 +32,8 @@ import numpy as np
 from npo_sim.metrics import harmonic_mean, ks_pvalue
 from npo_sim.runio import UserError
 
+from .dialects import DIALECTS, check_same, get_dialect
+
 #: TOFU log key -> our short task name. Order = TOFU's order of the four files.
 TASKS = {
     "eval_log.json": "retain",
@@ -44,6 +46,8 @@ TASK_KEY = {name: key for key, name in TASKS.items()}
 UTILITY_KEYS = tuple(f"{t}_{m}" for t in ("retain", "real_authors", "world_facts")
                      for m in ("prob", "rouge", "truth_ratio"))
 FORGET_KEYS = ("forget_prob", "forget_rouge", "forget_truth_ratio")
+#: the key of an eval log naming the dialect it was computed in (absent in published logs: unknown)
+DIALECT_KEY = "dialect"
 #: per-sample metrics aggregation needs, per use
 _NEED_FULL = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall")
 _NEED_FQ = ("avg_paraphrased_loss", "average_perturb_loss")
@@ -177,24 +181,45 @@ def probability(t: TaskLog, with_options: bool) -> float:
     return float(np.mean(p[:, 0] / p.sum(axis=1)))
 
 
-def truth_ratio_stat(t: TaskLog, forget: bool) -> float:
-    """TOFU "Truth Ratio": forget ``mean(min(R, 1/R))``, others ``mean(max(0, 1 - 1/R))``."""
-    lr = t.log_truth_ratio
-    if forget:
-        return float(np.mean(np.exp(-np.abs(lr))))
-    return float(np.mean(np.maximum(0.0, -np.expm1(-lr))))
+def truth_ratio_terms(t: TaskLog, forget: bool, formula: str = "tofu") -> np.ndarray:
+    """Per-sample truth-ratio terms, whose mean is the statistic (a dialect's ``truth_ratio``):
+
+    * ``"tofu"`` (``aggregate_eval_stat.py``): ``R = exp(mean_j L_pert,j − L_para)``; forget
+      ``min(R, 1/R)``, others ``max(0, 1 − 1/R)``;
+    * ``"tofu-utility"``: probabilities averaged first, ``R′ = mean_j e^{−L_pert,j} / e^{−L_para}``;
+      forget ``min(R′, 1/R′)``, others ``max(0, 1 − R′)``;
+    * ``"prob_mean"`` (open-unlearning 2025): ``p_para / (p_para + mean_j p_pert,j)``, every set.
+    """
+    if formula == "tofu":
+        lr = t.log_truth_ratio
+        return np.exp(-np.abs(lr)) if forget else np.maximum(0.0, -np.expm1(-lr))
+    # log of mean_j p_pert,j, computed stably
+    neg = -t.perturb
+    top = neg.max(axis=1)
+    log_pert = top + np.log(np.mean(np.exp(neg - top[:, None]), axis=1))
+    log_r = log_pert + t.para                       # log R′ = log(mean p_pert) − log p_para
+    if formula == "tofu-utility":
+        return np.exp(-np.abs(log_r)) if forget else np.maximum(0.0, -np.expm1(log_r))
+    if formula == "prob_mean":
+        return 1.0 / (1.0 + np.exp(log_r))          # p_para/(p_para + mean p_pert) = 1/(1 + R′)
+    raise UserError(f"unknown truth-ratio formula {formula!r}")
 
 
-def task_stats(t: TaskLog, task: str) -> dict[str, float]:
+def truth_ratio_stat(t: TaskLog, forget: bool, formula: str = "tofu") -> float:
+    """TOFU "Truth Ratio" (default formula): forget ``mean(min(R, 1/R))``, others ``mean(max(0, 1 - 1/R))``."""
+    return float(np.mean(truth_ratio_terms(t, forget, formula)))
+
+
+def task_stats(t: TaskLog, task: str, truth_ratio: str = "tofu") -> dict[str, float]:
     """The three TOFU statistics of one eval set (task is a short name)."""
     return {
         f"{task}_prob": probability(t, with_options=task in ("real_authors", "world_facts")),
         f"{task}_rouge": float(np.mean(t.rouge)),
-        f"{task}_truth_ratio": truth_ratio_stat(t, forget=task == "forget"),
+        f"{task}_truth_ratio": truth_ratio_stat(t, task == "forget", truth_ratio),
     }
 
 
-def sample_stats(t: TaskLog, task: str) -> np.ndarray:
+def sample_stats(t: TaskLog, task: str, truth_ratio: str = "tofu") -> np.ndarray:
     """``(N, 3)`` per-sample terms whose column means are :func:`task_stats` of ``task`` (probability,
     ROUGE, truth-ratio statistic): what a bootstrap over questions resamples."""
     if task in ("real_authors", "world_facts"):
@@ -204,8 +229,7 @@ def sample_stats(t: TaskLog, task: str) -> np.ndarray:
         prob = p[:, 0] / p.sum(axis=1)
     else:
         prob = np.exp(-t.gt)
-    lr = t.log_truth_ratio
-    tr = np.exp(-np.abs(lr)) if task == "forget" else np.maximum(0.0, -np.expm1(-lr))
+    tr = truth_ratio_terms(t, task == "forget", truth_ratio)
     return np.stack([prob, np.asarray(t.rouge, float), tr], axis=1)
 
 
@@ -228,7 +252,8 @@ def forget_quality(ckpt: TaskLog, retain: TaskLog) -> tuple[float, float]:
 
 
 def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", retain_name: str = "retain log",
-              allow_mismatched: bool = True) -> dict:
+              allow_mismatched: bool = True, truth_ratio: str | None = None,
+              allow_mixed_dialects: bool = False) -> dict:
     """FQ (when a retain log is given), MU, the 9 MU components and the forget-set statistics.
 
     ``ckpt_log``/``retain_log``: paths or loaded dicts. Raises :class:`UserError` on any malformed or
@@ -239,14 +264,19 @@ def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", r
     ck = load_log(ckpt_log, ckpt_name)
     if not isinstance(ckpt_log, dict):
         ckpt_name = str(ckpt_log)  # errors inside the file name the file
+    rt_log = load_log(retain_log, retain_name) if retain_log is not None else None
+    dialect = check_same({ckpt_name: ck.get(DIALECT_KEY),
+                          **({retain_name: rt_log.get(DIALECT_KEY)} if rt_log is not None else {})},
+                         allow_mixed_dialects)
+    if truth_ratio is None:   # the log's own dialect decides, or tofu's formula for a published log
+        truth_ratio = get_dialect(dialect).truth_ratio if dialect in DIALECTS else "tofu"
     tasks = {TASKS[k]: task_log(ck, k, _NEED_FULL, ckpt_name) for k in TASKS}
     stats: dict[str, float] = {}
     for name, t in tasks.items():
-        stats.update(task_stats(t, name))
+        stats.update(task_stats(t, name, truth_ratio))
     out: dict = {}
     notes: list[str] = []
     if retain_log is not None:
-        rt_log = load_log(retain_log, retain_name)
         rt = task_log(rt_log, "forget", _NEED_FQ, retain_name if isinstance(retain_log, dict) else str(retain_log))
         if rt.n != tasks["forget"].n and not allow_mismatched:
             raise UserError(f"mismatched logs: {ckpt_name} has {tasks['forget'].n} forget samples, "
@@ -266,6 +296,7 @@ def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", r
     if retain_log is not None:
         out["n_forget_retain_log"] = rt.n
     out["num_perturbed"] = int(tasks["forget"].perturb.shape[1])
+    out["dialect"], out["truth_ratio_formula"] = dialect, truth_ratio
     out["notes"] = notes
     return out
 

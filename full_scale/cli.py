@@ -36,10 +36,12 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--ga-reduction", choices=C.GA_REDUCTIONS, default="mean",
-                   help="reduction of plain likelihood terms (ga, idk, retain nll, fine-tuning): per-token "
-                        "mean (HF/TOFU convention, default) or sum over answer tokens")
+    _dialect_argument(p)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the dialect's, 512)")
+    p.add_argument("--ga-reduction", choices=C.GA_REDUCTIONS, default=None,
+                   help="reduction of plain likelihood terms (ga, idk, retain nll, fine-tuning): per-example "
+                        "token mean (default), pooled token mean over the micro-batch (HF's outputs.loss, "
+                        "open-unlearning), or sum over answer tokens; default: the dialect's")
     p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="keep the last N epoch checkpoints")
     p.add_argument("--dtype", choices=C.DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
@@ -106,8 +108,23 @@ _RUN_FLAGS = ("model", "out", "data_dir", "epochs", "lr", "batch_size", "grad_ac
               "collapse_questions", "stop_on_collapse", "dtype", "prompt_format")
 
 
+def _dialect_argument(p: argparse.ArgumentParser) -> None:
+    from .dialects import DEFAULT, DIALECTS
+
+    p.add_argument("--dialect", choices=tuple(DIALECTS), default=DEFAULT,
+                   help="whose conventions to follow: tokenisation, max length, generation budget, CE precision, "
+                        "reductions, KL positions, truth ratio, SimNPO parameterisation, IDK sampling "
+                        "(README: Dialects)")
+
+
 def _run_config(command: str, args) -> C.RunConfig:
-    return C.run_config(command, args.preset, **{k: getattr(args, k) for k in _RUN_FLAGS})
+    from .dialects import get_dialect
+
+    d = get_dialect(args.dialect)
+    flags = {k: getattr(args, k) for k in _RUN_FLAGS}
+    flags["max_length"] = d.max_length if flags["max_length"] is None else flags["max_length"]
+    flags["ga_reduction"] = d.nll_reduction if flags["ga_reduction"] is None else flags["ga_reduction"]
+    return C.run_config(command, args.preset, dialect=d.name, **flags)
 
 
 def _launch(args) -> C.Launch:
@@ -181,6 +198,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of every CI")
     p.add_argument("--no-extra-metrics", action="store_true",
                    help="TOFU's metrics only (no memorization, MIA, privleak, fluency or CIs)")
+    _dialect_argument(p)
+    p.add_argument("--allow-mixed-dialects", action="store_true",
+                   help="accept a --retain-log computed in another dialect")
 
 
 def eval_job(args) -> C.EvalJob:
@@ -188,7 +208,8 @@ def eval_job(args) -> C.EvalJob:
                       ds_size=args.ds_size, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       allow_mismatched_logs=args.allow_mismatched_logs, gen_batch_size=args.gen_batch_size,
                       holdout_file=args.holdout_file, judge_model=args.judge_model, n_boot=args.n_boot,
-                      extra_metrics=not args.no_extra_metrics)
+                      extra_metrics=not args.no_extra_metrics, dialect=args.dialect,
+                      allow_mixed_dialects=args.allow_mixed_dialects)
     return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device,
                      allow_pickle_weights=args.allow_pickle_weights, threads=args.threads)
 
@@ -219,14 +240,20 @@ def add_aggregate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     p.add_argument("--allow-mismatched-logs", action="store_true",
                    help="compare forget sets of different sizes (a note instead of an error)")
+    p.add_argument("--dialect", default=None,
+                   help="whose truth-ratio formula MU uses (default: the logs' own dialect; tofu's for published logs)")
+    p.add_argument("--allow-mixed-dialects", action="store_true", help="compare logs of different dialects")
 
 
 def aggregate_main(args) -> int:
     from .aggregate import aggregate
+    from .dialects import get_dialect
 
     if args.out:
         C.check_out_file(args.out)  # before any work
-    result = aggregate(args.ckpt_log, args.retain_log, allow_mismatched=args.allow_mismatched_logs)
+    formula = get_dialect(args.dialect).truth_ratio if args.dialect is not None else None
+    result = aggregate(args.ckpt_log, args.retain_log, allow_mismatched=args.allow_mismatched_logs,
+                       truth_ratio=formula, allow_mixed_dialects=args.allow_mixed_dialects)
     result = {**result, "ckpt_log": str(args.ckpt_log), "retain_log": str(args.retain_log)}
     if args.out:
         write_json(args.out, result)
@@ -243,6 +270,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-eval", action="append", default=[],
                    help="the target's npo-tofu eval summary.json (or its directory), one per forget split; repeatable")
     p.add_argument("--mu-fraction", type=float, default=0.9, help="MU floor for the best-FQ table, × target MU")
+    p.add_argument("--allow-mixed-dialects", action="store_true", help="report runs of different dialects together")
 
 
 def report_main(args) -> int:
@@ -250,7 +278,8 @@ def report_main(args) -> int:
 
     from .report import LAST_COLUMNS, TABLE_COLUMNS, build_report, last_markdown, table_markdown
 
-    s = build_report(args.run_dirs, args.out, args.target_eval, args.mu_fraction)
+    s = build_report(args.run_dirs, args.out, args.target_eval, args.mu_fraction,
+                     allow_mixed_dialects=args.allow_mixed_dialects)
     print(last_markdown(pd.DataFrame(s["last_epoch"], columns=list(LAST_COLUMNS))))
     print(table_markdown(pd.DataFrame(s["best_fq"], columns=list(TABLE_COLUMNS))))
     if s["missing_targets"]:
@@ -300,13 +329,15 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
                    help="the declared model selection, recorded in the outputs: last = every run's last epoch")
     p.add_argument("--holdout-file", default=None,
                    help="non-member QA for the MIA AUCs/privleak of every eval (tofu-mini: its own holdout)")
+    _dialect_argument(p)
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
 
 
 _STUDY_FLAGS = ("preset", "model", "epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "grad_accum",
                 "seed", "out", "figures", "data_dir", "eval_ds_size", "eval_max_new_tokens", "eval_batch_size",
-                "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs", "select", "holdout_file")
+                "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs", "select", "holdout_file",
+                "dialect")
 
 
 def study_main(args) -> int:
@@ -321,6 +352,21 @@ def study_main(args) -> int:
     return run_study(cfg, dry_run=args.dry_run, report_only=args.report_only)
 
 
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="eval_log_aggregated.json or TOFU_EVAL.json (or a directory holding one)")
+    p.add_argument("--to", required=True, choices=("tofu", "open-unlearning"), help="layout to write")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--retain-log", default=None, help="the retain model's log (either layout): adds forget quality")
+
+
+def convert_main(args) -> int:
+    from .convert import convert
+
+    for path in convert(args.src, args.to, args.out, args.retain_log):
+        print(f"wrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +379,8 @@ COMMANDS = {
                   aggregate_main),
     "report": ("tables and figures from run directories", add_report_arguments, report_main),
     "study": ("the tofu-mini study (fine-tune, unlearn, evaluate, report)", add_study_arguments, study_main),
+    "convert": ("convert eval output between TOFU's and open-unlearning's layouts", add_convert_arguments,
+                convert_main),
 }
 
 

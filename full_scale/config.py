@@ -27,6 +27,7 @@ from npo_sim.losses import Objective, get_objective
 from npo_sim.runio import UserError
 
 from .data import PROMPT_FORMATS, eval_split, retain_of
+from .dialects import get_dialect
 
 #: preset -> command -> defaults for settings left unset
 PRESETS: dict[str, dict[str, dict]] = {
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict[str, dict]] = {
              "unlearn": {"lr": 1e-3, "epochs": 10, "batch_size": 8, "grad_accum": 1}},
 }
 REF_MODES = ("cached", "model")
-GA_REDUCTIONS = ("mean", "sum")
+GA_REDUCTIONS = ("mean", "pooled", "sum")
 DTYPES = ("auto", "float32", "bfloat16")
 _MODEL_REQUIRED = "model is required (an HF id, a local checkpoint or tiny-llama[:SIZE])"
 
@@ -81,6 +82,8 @@ class RunConfig:
     stop_on_collapse: bool = False
     dtype: str = "auto"
     prompt_format: str | None = None
+    #: the codebase whose conventions the run follows (:mod:`full_scale.dialects`)
+    dialect: str = "npo-sim"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -95,6 +98,7 @@ class RunConfig:
             raise UserError(f"collapse_questions must be ≥ 0, got {self.collapse_questions}")
         _choice("ga_reduction", self.ga_reduction, GA_REDUCTIONS)
         _choice("dtype", self.dtype, DTYPES)
+        get_dialect(self.dialect)
         if self.prompt_format is not None:
             _choice("prompt_format", self.prompt_format, tuple(PROMPT_FORMATS))
 
@@ -130,10 +134,14 @@ class UnlearnSpec:
         _choice("ref_mode", self.ref_mode, REF_MODES)
         self.objective()  # unknown method or bad hyperparameter: fail now
 
-    def objective(self) -> Objective:
-        """The registry objective with this spec's hyperparameters."""
+    def objective(self, dialect: str | None = None) -> Objective:
+        """The registry objective with this spec's hyperparameters, read in ``dialect``'s parameterisation
+        (open-unlearning's SimNPO: its β default, δ inside β, its forget weight)."""
         try:
-            return get_objective(self.method, beta=self.beta, gamma=self.gamma, retain_weight=self.retain_weight)
+            reg = get_objective(self.method)
+            beta, gamma, weight = get_dialect(dialect).objective_hyperparameters(
+                reg.forget, self.beta, self.gamma, self.retain_weight, reg.retain_weight)
+            return get_objective(self.method, beta=beta, gamma=gamma, retain_weight=weight)
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
@@ -159,9 +167,12 @@ class EvalSpec:
     judge_model: str | None = None   #: scores the greedy forget answers' log-likelihood (fluency); None: omitted
     n_boot: int = 1000               #: bootstrap resamples of every CI
     extra_metrics: bool = True       #: memorization, MIA, privleak, fluency and CIs (False: TOFU's metrics only)
+    dialect: str = "npo-sim"         #: tokenisation, generation budget, CE precision, truth ratio (full_scale.dialects)
+    allow_mixed_dialects: bool = False  #: a retain log of another dialect: compared anyway (else an error)
 
     def __post_init__(self) -> None:
         _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens", "n_boot"))
+        get_dialect(self.dialect)
         if self.gen_batch_size is not None:
             _at_least_1(self, ("gen_batch_size",))
 
@@ -259,4 +270,4 @@ def epoch_eval_spec(run: RunConfig, spec: UnlearnSpec, retain_log: str | None, *
     """The per-epoch evaluation of an unlearning run: its forget split's eval sets; ``None`` settings
     keep :class:`EvalSpec`'s defaults."""
     return EvalSpec(forget_split=eval_split(spec.forget, run.preset), retain_log=retain_log, data_dir=run.data_dir,
-                    **{k: v for k, v in settings.items() if v is not None})
+                    dialect=run.dialect, **{k: v for k, v in settings.items() if v is not None})

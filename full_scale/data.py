@@ -330,6 +330,12 @@ class PromptFormat:
     template: str = "{question}"
     answer_prefix: str = " "
     use_chat_template: bool = False
+    #: tokenise prompt + answer as one string (a dialect's ``tokenization="joined"``), masking the prompt's
+    #: own token count; False: the two are tokenised apart (see :mod:`full_scale.dialects`)
+    joined: bool = False
+    #: (joined) mask ``len(tokens(prompt + answer_prefix))`` positions, open-unlearning's count, which is one
+    #: answer token too many when the prefix's trailing space merges into the answer's first token
+    mask_prefix_with_prompt: bool = False
 
     def render(self, question: str, tokenizer=None) -> str:
         if self.use_chat_template:
@@ -363,11 +369,7 @@ def _ids(tokenizer, text: str) -> list[int]:
 def encode_prompt(tokenizer, question: str, fmt: str | PromptFormat) -> list[int]:
     """``[BOS] prompt`` token ids, exactly as :func:`encode_qa` starts (use for generation)."""
     f = get_format(fmt)
-    ids = _ids(tokenizer, f.render(question, tokenizer))
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+    return _with_bos(tokenizer, _ids(tokenizer, f.render(question, tokenizer)))
 
 
 def encode_answer(tokenizer, answer: str, fmt: str | PromptFormat) -> list[int]:
@@ -381,17 +383,40 @@ def encode_answer(tokenizer, answer: str, fmt: str | PromptFormat) -> list[int]:
 def encode_qa(tokenizer, question: str, answer: str, fmt: str | PromptFormat, max_length: int = 512) -> dict:
     """1-D ``input_ids``, ``attention_mask``, ``labels`` for one QA pair (labels -100 on the prompt).
 
+    Separate tokenisation (the default): ``[BOS] prompt`` then ``answer_prefix + answer + EOS``. Joined
+    (``fmt.joined``, tofu's ``convert_raw_data_to_model_format``): ``[BOS] (prompt + answer_prefix +
+    answer)`` tokenised as one string, EOS appended, and the first ``len([BOS] prompt)`` labels masked
+    (``fmt.mask_prefix_with_prompt``: ``len([BOS] (prompt + answer_prefix))``, open-unlearning's count).
     Too-long examples lose answer tokens from the right; an example with no answer token left is an
     error.
     """
-    p = encode_prompt(tokenizer, question, fmt)
-    a = encode_answer(tokenizer, answer, fmt)
-    a = a[: max(0, max_length - len(p))]
-    if not a:
-        raise UserError(f"prompt of {len(p)} tokens leaves no answer token within max_length={max_length}")
-    ids = torch.tensor(p + a, dtype=torch.long)
-    labels = torch.tensor([IGNORE_INDEX] * len(p) + a, dtype=torch.long)
+    f = get_format(fmt)
+    if f.joined:
+        ids, n_prompt = _encode_joined(tokenizer, question, answer, f)
+    else:
+        p = encode_prompt(tokenizer, question, f)
+        ids, n_prompt = p + encode_answer(tokenizer, answer, f), len(p)
+    ids = ids[:max_length]
+    if len(ids) <= n_prompt:
+        raise UserError(f"prompt of {n_prompt} tokens leaves no answer token within max_length={max_length}")
+    labels = torch.tensor([IGNORE_INDEX] * n_prompt + ids[n_prompt:], dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _encode_joined(tokenizer, question: str, answer: str, f: PromptFormat) -> tuple[list[int], int]:
+    """``([BOS] tokens(prompt + answer_prefix + answer) + [EOS], number of masked prompt positions)``."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token")
+    prompt = f.render(question, tokenizer)
+    ids = _with_bos(tokenizer, _ids(tokenizer, prompt + f.answer_prefix + answer)) + [tokenizer.eos_token_id]
+    masked = prompt + f.answer_prefix if f.mask_prefix_with_prompt else prompt
+    return ids, len(_with_bos(tokenizer, _ids(tokenizer, masked)))
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    bos = tokenizer.bos_token_id
+    return [bos] + ids if bos is not None and (not ids or ids[0] != bos) else ids
 
 
 def pad_batch(examples: Sequence[dict], pad_id: int, side: str = "right") -> dict:

@@ -21,9 +21,10 @@ import torch
 from npo_sim.runio import UserError, jsonable, write_csv, write_json
 
 from . import data
-from .aggregate import FORGET_KEYS, NEED_FQ, UTILITY_KEYS, aggregate, load_retain_log, task_log
+from .aggregate import DIALECT_KEY, FORGET_KEYS, NEED_FQ, UTILITY_KEYS, aggregate, load_retain_log, task_log
 from .config import EvalJob, EvalSpec
 from .data import encode_qa, get_format, pad_batch
+from .dialects import get_dialect
 from .extra_metrics import CURVE_METRICS, curve_values
 from .generate import greedy_generate
 from .logprobs import forward_logits, logprobs_from_logits, shifted
@@ -107,7 +108,8 @@ def _device(model):
 
 
 def answer_token_stats(model, tokenizer, fmt, pairs: list[tuple[str, str]], batch_size: int = 16,
-                       detail=()) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+                       detail=(), max_length: int = 512,
+                       ce_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
     """``(summed NLL, answer token count, details)`` of each (question, answer) pair, answer tokens + EOS.
 
     Examples are sorted by length and right-padded per batch (little padding, same numbers as one at
@@ -117,7 +119,7 @@ def answer_token_stats(model, tokenizer, fmt, pairs: list[tuple[str, str]], batc
     deviation of the log-probs under the model's own next-token distribution (Min-K%++); as numpy
     arrays in ``details[index]``.
     """
-    enc = [encode_qa(tokenizer, q, a, fmt) for q, a in pairs]
+    enc = [encode_qa(tokenizer, q, a, fmt, max_length) for q, a in pairs]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
     loss = np.zeros(len(enc))
     count = np.zeros(len(enc), dtype=np.int64)
@@ -129,7 +131,7 @@ def answer_token_stats(model, tokenizer, fmt, pairs: list[tuple[str, str]], batc
             idx = order[s : s + batch_size]
             b = {k: v.to(dev) for k, v in pad_batch([enc[i] for i in idx], tokenizer.pad_token_id).items()}
             logits = forward_logits(model, b["input_ids"], b["attention_mask"])
-            lp, n = logprobs_from_logits(logits, b["labels"])
+            lp, n = logprobs_from_logits(logits, b["labels"], ce_dtype)
             loss[idx] = (-lp).double().cpu().numpy()
             count[idx] = n.cpu().numpy()
             rows = [r for r, i in enumerate(idx) if i in detail]
@@ -182,7 +184,8 @@ class Extra:
 
 
 def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, batch_size: int = 16,
-                   max_new_tokens: int = 128, gen_batch_size: int | None = None, extra: Extra | None = None) -> dict:
+                   max_new_tokens: int = 128, gen_batch_size: int | None = None, extra: Extra | None = None,
+                   dialect: str | None = None) -> dict:
     """The TOFU per-sample log (dict layout, TOFU key names) of ``model`` on ``sets``.
 
     All NLLs of all sets are computed in one length-sorted pass over the unique (question, answer)
@@ -190,7 +193,10 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
     sets are decoded together, in length-sorted batches of ``gen_batch_size`` (default ``batch_size``;
     the answers do not depend on it; on CPU a small model decodes fastest in large batches).
 
-    With ``extra``, the same NLL pass also scores the holdout answers and keeps the per-token numbers
+    ``dialect`` (:mod:`full_scale.dialects`) sets the tokenisation, the max length, the precision of the
+    cross-entropy and the generation budget (tofu: 200 tokens in total per batch of ``gen_batch_size``,
+    batches in set order). With ``extra``, the same NLL pass also scores the holdout answers and keeps the
+    per-token numbers
     of the forget and holdout answers, the judge scores the greedy forget answers, and the log gets
     the per-sample block :data:`full_scale.extra_metrics.EXTRA_KEY` (its results are added by
     :func:`run_eval`).
@@ -198,7 +204,9 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
     gen_batch_size = batch_size if gen_batch_size is None else gen_batch_size
     if batch_size < 1 or gen_batch_size < 1:
         raise UserError(f"batch sizes must be ≥ 1, got {batch_size} and {gen_batch_size}")
-    fmt = get_format(fmt)
+    d = get_dialect(dialect)
+    fmt = d.prompt_format(get_format(fmt))
+    total = d.generation_max_length if d.generation_budget == "total_length" else None
     was_training = model.training
     model.eval()
     try:
@@ -213,9 +221,15 @@ def evaluate_model(model, tokenizer, fmt, sets: dict[str, list[EvalItem]], *, ba
             detail = [pairs[(it.question, it.answer)] for it in forget]
             for r in extra.holdout or []:
                 detail.append(pairs.setdefault((r["question"], r["answer"]), len(pairs)))
-        loss, count, details = answer_token_stats(model, tokenizer, fmt, list(pairs), batch_size, detail)
+        loss, count, details = answer_token_stats(model, tokenizer, fmt, list(pairs), batch_size, detail,
+                                                  d.max_length, d.eval_ce_dtype)
         questions = [it.question for items in sets.values() for it in items]
-        gens = greedy_generate(model, tokenizer, fmt, questions, gen_batch_size, max_new_tokens)
+        if total is None:
+            gens = greedy_generate(model, tokenizer, fmt, questions, gen_batch_size, max_new_tokens)
+        else:   # tofu batches each eval set on its own, in order
+            gens = [g for items in sets.values()
+                    for g in greedy_generate(model, tokenizer, fmt, [it.question for it in items], gen_batch_size,
+                                             max_new_tokens, total)]
     finally:
         model.train(was_training)
     block = None
@@ -379,10 +393,13 @@ def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared: Prepared | None = 
             judge = (model, tokenizer, fmt)
         extra = Extra(prepared.holdout, prepared.holdout_source, judge, prepared.judge_path)
     log = evaluate_model(model, tokenizer, fmt, sets, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
-                         gen_batch_size=spec.gen_batch_size, extra=extra)
-    stats = aggregate(log, prepared.retain, ckpt_name="evaluated model", retain_name="retain log")
+                         gen_batch_size=spec.gen_batch_size, extra=extra, dialect=spec.dialect)
+    log[DIALECT_KEY] = spec.dialect
+    stats = aggregate(log, prepared.retain, ckpt_name="evaluated model", retain_name="retain log",
+                      truth_ratio=get_dialect(spec.dialect).truth_ratio, allow_mixed_dialects=spec.allow_mixed_dialects)
     summary = {
         **{k: v for k, v in stats.items() if k != "notes"},
+        "dialect": spec.dialect,
         "forget_split": spec.forget_split,
         "eval_sets": {k: {"source": sources[k], "n": len(v)} for k, v in sets.items()},
         "notes": prepared.notes + stats["notes"],

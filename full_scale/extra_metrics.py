@@ -178,10 +178,24 @@ def fq_lattice(fq: float, n: int, m: int) -> dict:
             "fq_next_below": float(below[-1]) if below.size else None}
 
 
-def mu_ci(log: dict, n_boot: int, seed: int = 0) -> dict:
-    """MU with each of its three eval sets resampled on its own (per-question TOFU statistics)."""
+def _distinct_ci(grams: np.ndarray, n_boot: int, seed: int) -> dict:
+    """distinct-n (pooled over answers) with a bias-corrected percentile CI. Resampling answers with
+    replacement duplicates some, which lowers a pooled distinct count in every resample: the plain
+    percentile interval then sits below the estimate. The interval is shifted by the estimated bias
+    (estimate − mean of the resamples), the usual bias correction."""
+    stat = lambda g: M.distinct_n(g, DISTINCT_N)  # noqa: E731
+    c = M.bootstrap_ci(stat, grams, n_boot=n_boot, seed=seed)
+    rng = np.random.default_rng(seed)
+    reps = [stat(grams[rng.integers(0, len(grams), len(grams))]) for _ in range(n_boot)] if len(grams) else [0.0]
+    shift = c.estimate - float(np.mean(reps))
+    return {**_ci(c), "lo": c.lo + shift, "hi": c.hi + shift}
+
+
+def mu_ci(log: dict, n_boot: int, seed: int = 0, truth_ratio: str = "tofu") -> dict:
+    """MU with each of its three eval sets resampled on its own (per-question TOFU statistics, with the
+    dialect's truth-ratio formula)."""
     tasks = [TASKS[k] for k in TASKS if TASKS[k] != "forget"]
-    groups = tuple(sample_stats(task_log(log, t), t) for t in tasks)
+    groups = tuple(sample_stats(task_log(log, t), t, truth_ratio) for t in tasks)
 
     def stat(*gs):
         return M.harmonic_mean([v for g in gs for v in g.mean(axis=0)])
@@ -210,7 +224,8 @@ def results(block: dict, log: dict, stats: dict, retain_log: dict | None, n_boot
     f = block["forget"]
     for k in ("exact_memorization", "extraction_strength"):
         ci[k] = mean_ci(f[k], n_boot, seed)
-    ci["model_utility"] = {**mu_ci(log, n_boot, seed), "estimate": stats["model_utility"]}
+    mu = mu_ci(log, n_boot, seed, stats.get("truth_ratio_formula", "tofu"))
+    ci["model_utility"] = {**mu, "estimate": stats["model_utility"]}
     out: dict = {}
     if "forget_quality" in stats and retain_log is not None:
         ck, rt = task_log(log, "forget").log_truth_ratio, task_log(retain_log, "forget", ("avg_paraphrased_loss",
@@ -263,8 +278,7 @@ def results(block: dict, log: dict, stats: dict, retain_log: dict | None, n_boot
     ci["fluency_repetition"] = mean_ci(fl["repetition"], n_boot, seed)
     grams = np.empty(len(fl["generated"]), dtype=object)
     grams[:] = [words(t) for t in fl["generated"]]
-    ci[f"fluency_distinct_{DISTINCT_N}"] = _ci(M.bootstrap_ci(lambda g: M.distinct_n(g, DISTINCT_N), grams,
-                                                              n_boot=n_boot, seed=seed))
+    ci[f"fluency_distinct_{DISTINCT_N}"] = _distinct_ci(grams, n_boot, seed)
     if fl["judge_logp"] is not None:
         ci["fluency_judge_logp"] = mean_ci(fl["judge_logp"], n_boot, seed)
     else:

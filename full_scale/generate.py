@@ -65,19 +65,35 @@ def _decode_batch(model, prompts: list[list[int]], eos_id: int, pad_id: int, max
     return new
 
 
+def generation_budget(prompt_lengths: list[int], max_new_tokens: int, total_length: int | None) -> int:
+    """New tokens one batch may generate: ``max_new_tokens``, or with a total budget (tofu's
+    ``generate(max_length=200)``), ``total_length`` minus the batch's longest prompt (at least 0)."""
+    if total_length is None:
+        return max_new_tokens
+    return max(0, total_length - max(prompt_lengths))
+
+
 def greedy_ids(model, tokenizer, fmt, questions: list[str], *, batch_size: int = 16,
-               max_new_tokens: int = 128) -> list[list[int]]:
-    """Greedy answer token ids (EOS excluded) to each question, in the order given."""
+               max_new_tokens: int = 128, total_length: int | None = None) -> list[list[int]]:
+    """Greedy answer token ids (EOS excluded) to each question, in the order given.
+
+    Batches are length-sorted (the answers do not depend on the batch), except with ``total_length``
+    (a total budget, tofu's convention): then an answer's budget depends on its batch's longest prompt,
+    so batches are taken in the order given, as tofu's data loader does."""
     prompts = [encode_prompt(tokenizer, q, fmt) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = list(range(len(prompts))) if total_length is not None else \
+        sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
+            budget = generation_budget([len(prompts[i]) for i in idx], max_new_tokens, total_length)
+            if budget == 0:
+                continue
             rows = _decode_batch(model, [prompts[i] for i in idx], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                 max_new_tokens)
+                                 budget)
             for i, row in zip(idx, rows):
                 out[i] = row
     finally:
@@ -86,9 +102,10 @@ def greedy_ids(model, tokenizer, fmt, questions: list[str], *, batch_size: int =
 
 
 def greedy_generate(model, tokenizer, fmt, questions: list[str], batch_size: int = 16,
-                    max_new_tokens: int = 128) -> list[str]:
+                    max_new_tokens: int = 128, total_length: int | None = None) -> list[str]:
     """Greedy answers as text, decoded without special tokens (TOFU's ``batch_decode``)."""
-    ids = greedy_ids(model, tokenizer, fmt, questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    ids = greedy_ids(model, tokenizer, fmt, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     total_length=total_length)
     return [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
 
 

@@ -41,17 +41,20 @@ def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return logits[:, :-1], targets, mask
 
 
-def token_logprobs_from_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """``(per-token answer log-probs (B, T-1), 0 off the answer; answer mask (B, T-1))`` (fp32 log-softmax)."""
+def token_logprobs_from_logits(logits: Tensor, labels: Tensor, ce_dtype: str = "float32") -> tuple[Tensor, Tensor]:
+    """``(per-token answer log-probs (B, T-1), 0 off the answer; answer mask (B, T-1))``. The log-softmax is
+    taken in float32 (``ce_dtype="float32"``), or in the logits' own dtype (``"model"``: tofu's bf16
+    ``get_batch_loss``, a dialect's ``eval_ce_dtype``)."""
     lg, targets, mask = shifted(logits, labels)
-    tok = -F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), targets.reshape(-1).clamp_min(0),
+    lg = lg.float() if ce_dtype == "float32" else lg
+    tok = -F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1).clamp_min(0),
                            reduction="none").view(targets.shape)
-    return tok * mask, mask
+    return tok.float() * mask, mask
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def logprobs_from_logits(logits: Tensor, labels: Tensor, ce_dtype: str = "float32") -> tuple[Tensor, Tensor]:
     """``(sum of answer-token log-probs, answer token count)``, each ``(B,)``, from ``(B, T, V)`` logits."""
-    tok, mask = token_logprobs_from_logits(logits, labels)
+    tok, mask = token_logprobs_from_logits(logits, labels, ce_dtype)
     return tok.sum(-1), mask.sum(-1)
 
 

@@ -283,14 +283,18 @@ def plot_trajectories(curves: pd.DataFrame, targets: dict[str, dict], out_path, 
 # --------------------------------------------------------------------------------------------------
 # npo-tofu report
 # --------------------------------------------------------------------------------------------------
-def build_report(run_dirs, out, target_evals=(), mu_fraction: float = 0.9) -> dict:
-    """Validate every input, then write the table, curves, figure and summary into ``out``."""
+def build_report(run_dirs, out, target_evals=(), mu_fraction: float = 0.9, allow_mixed_dialects: bool = False) -> dict:
+    """Validate every input, then write the table, curves, figure and summary into ``out``. Runs of
+    different dialects (``config.json``'s ``dialect``) are refused unless ``allow_mixed_dialects``."""
     if not run_dirs:
         raise UserError("no run directories given")
     if not 0 < mu_fraction <= 1:
         raise UserError(f"--mu-fraction must be in (0, 1], got {mu_fraction}")
     check_out_dir(out)
     runs = [load_run(d) for d in run_dirs]
+    from .dialects import check_same
+
+    check_same({r["dir"]: r["config"].get("dialect") for r in runs}, allow_mixed_dialects)
     seen = {}
     for r in runs:
         key = (r["split"], r["method"])

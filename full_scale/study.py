@@ -26,6 +26,7 @@ from npo_sim.losses import OBJECTIVES, label
 from npo_sim.runio import UserError, check_out_dir, write_bytes, write_csv, write_json, write_text
 
 from .data import retain_of
+from .dialects import get_dialect
 from .report import (
     LAST_COLUMNS,
     TABLE_COLUMNS,
@@ -85,6 +86,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = ()       #: unlearning seeds (default: (seed,)); the report gives mean and CI across them
     select: str = "last"              #: the declared model selection: the last epoch of every run
     holdout_file: str | None = None   #: non-member QA of the MIAs/privleak (tofu-mini: its own holdout)
+    dialect: str = "npo-sim"          #: every stage's conventions (full_scale.dialects)
 
     def __post_init__(self) -> None:
         mini = self.preset == "mini"
@@ -96,6 +98,7 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in OBJECTIVES]
         if not self.methods or unknown:
             raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(OBJECTIVES)}")
+        get_dialect(self.dialect)
         if self.select not in SELECTIONS:
             raise UserError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if len(set(self.seeds)) != len(self.seeds):
@@ -112,7 +115,7 @@ class StudyConfig:
                 "methods": list(self.methods), "eval_ds_size": self.eval_ds_size,
                 "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size,
                 "out": self.out, "seeds": list(self.unlearn_seeds), "select": self.select,
-                "select_rule": SELECTIONS[self.select], "holdout_file": self.holdout_file,
+                "select_rule": SELECTIONS[self.select], "holdout_file": self.holdout_file, "dialect": self.dialect,
                 "judge": "the oracle of each forget split"}
 
     @property
@@ -157,14 +160,14 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     """Every stage of the study, in order."""
     out, py = Path(cfg.out), (sys.executable,)
     launcher = tuple(shlex.split(cfg.launcher)) if cfg.launcher else py
-    common = ["--preset", cfg.preset, "--seed", str(cfg.seed), "--no-progress",
+    common = ["--preset", cfg.preset, "--seed", str(cfg.seed), "--no-progress", "--dialect", cfg.dialect,
               *_flags((("--data-dir", cfg.data_dir), ("--batch-size", cfg.batch_size),
                        ("--grad-accum", cfg.grad_accum), ("--threads", cfg.threads))),
               *shlex.split(cfg.train_args or "")]
     ft = common + _flags((("--epochs", cfg.finetune_epochs), ("--lr", cfg.finetune_lr)))
     ul = common + _flags((("--epochs", cfg.epochs), ("--lr", cfg.lr)))
     ev = ["--ds-size", str(cfg.eval_ds_size), "--max-new-tokens", str(cfg.eval_max_new_tokens),
-          "--batch-size", str(cfg.eval_batch_size)] + _flags((("--data-dir", cfg.data_dir),))
+          "--batch-size", str(cfg.eval_batch_size), "--dialect", cfg.dialect] + _flags((("--data-dir", cfg.data_dir),))
     tofu = ("-m", "full_scale.cli")
     stages = []
 

@@ -39,6 +39,7 @@ from npo_sim.runio import UserError, write_bytes, write_csv, write_json
 
 from . import data as D
 from .config import FinetuneSpec, TrainJob, UnlearnSpec
+from .dialects import get_dialect
 from .generate import greedy_ids, is_degenerate
 from .logprobs import (
     forward,
@@ -64,8 +65,15 @@ GREEDY_TOKENS = 32  #: answer length of the collapse detector's greedy check
 
 
 def reduce_logp(lp_sum, count, how: str):
-    """Summed answer log-likelihood -> ``how``: ``"sum"``, or the per-example token ``"mean"``."""
-    return lp_sum / count.clamp_min(1) if how == "mean" else lp_sum
+    """Summed answer log-likelihood -> ``how``: ``"sum"``, the per-example token ``"mean"``, or ``"pooled"``:
+    ``lp_i·B/Σ_j n_j``, whose mean over the B examples is the token mean pooled over the micro-batch (HF's
+    ``outputs.loss``; open-unlearning's GA/NLL). Pooled weighs long answers more and depends on how a
+    batch is split, so batch × accumulation invariance does not hold for it (that is the convention)."""
+    if how == "mean":
+        return lp_sum / count.clamp_min(1)
+    if how == "pooled":
+        return lp_sum * len(count) / count.sum().clamp_min(1)
+    return lp_sum
 
 
 def _device(model):
@@ -124,9 +132,12 @@ class ReferenceSource:
     model: bool = False           #: whether a frozen copy of θ_0 is kept
 
     @classmethod
-    def choose(cls, objective, ref_mode: str) -> ReferenceSource:
-        cached = tuple(k for k in REF_KEYS if k in objective.needs) if ref_mode == "cached" else ()
-        keep = objective.needs_ref_logits or (ref_mode == "model" and objective.uses_reference)
+    def choose(cls, objective, ref_mode: str, uncacheable: tuple[str, ...] = ()) -> ReferenceSource:
+        """``uncacheable``: reference keys that change during the run (a dialect's per-step IDK answer)."""
+        cached = tuple(k for k in REF_KEYS if k in objective.needs and k not in uncacheable) \
+            if ref_mode == "cached" else ()
+        keep = (objective.needs_ref_logits or (ref_mode == "model" and objective.uses_reference)
+                or bool(set(uncacheable) & objective.needs))
         return cls(cached, keep)
 
     def frozen_copy(self, model):
@@ -194,6 +205,7 @@ class FinetuneTask:
 
     def __init__(self, job: TrainJob, rows: dict, tokenizer, fmt: str):
         self.job, self.reduction, self.pad_id = job, job.run.ga_reduction, tokenizer.pad_token_id
+        fmt = get_dialect(job.run.dialect).prompt_format(fmt)
         self.examples = D.encode_rows(tokenizer, rows["train"], fmt, job.run.max_length)
         self.n = len(self.examples)
         self.source = ReferenceSource()
@@ -246,15 +258,21 @@ class UnlearnTask:
 
     def __init__(self, job: TrainJob, rows: dict, tokenizer, fmt: str):
         run, spec = job.run, job.task
-        self.job, self.obj, self.pad_id = job, spec.objective(), tokenizer.pad_token_id
+        self.dialect = get_dialect(run.dialect)
+        self.job, self.obj, self.pad_id = job, spec.objective(run.dialect), tokenizer.pad_token_id
+        fmt = self.dialect.prompt_format(fmt)
         self.forget = D.encode_rows(tokenizer, rows["forget"], fmt, run.max_length)
         self.retain = D.encode_rows(tokenizer, rows["retain"], fmt, run.max_length)
-        idk_idx = D.pair_idk(len(rows["forget"]), len(rows["idk"]), run.seed)
-        self.idk = [D.encode_qa(tokenizer, r["question"], rows["idk"][j], fmt, run.max_length)
-                    for r, j in zip(rows["forget"], idk_idx)]
+        self._encode_idk = lambda seed: [D.encode_qa(tokenizer, r["question"], rows["idk"][j], fmt, run.max_length)
+                                         for r, j in zip(rows["forget"], D.pair_idk(len(rows["forget"]),
+                                                                                     len(rows["idk"]), seed))]
+        self.idk = self._encode_idk(run.seed)
+        self._idk_epoch: tuple[int, list] | None = None
         self.n = len(self.forget)
         self.reduction = "sum" if self.obj.sequence_reduction == "sum" else run.ga_reduction
-        self.source = ReferenceSource.choose(self.obj, spec.ref_mode)
+        # a per-step IDK answer (open-unlearning) has no fixed reference to cache
+        uncacheable = ("idk_logp_ref",) if self.dialect.idk_sampling == "per_step" else ()
+        self.source = ReferenceSource.choose(self.obj, spec.ref_mode, uncacheable)
         self.monitor_questions = [r["question"] for r in rows["retain"][:run.collapse_questions]]
         self.eval_inputs = rows.get("eval")
         self.greedy_log: dict[str, list[str]] = {}
@@ -319,7 +337,7 @@ class UnlearnTask:
         x["logp"], x["length"] = reduce_logp(lp, n, red), n.to(lp.dtype)
         x.update(self._token_inputs(logits, hidden, fb, ids, reference, layer))
         if "idk_logp" in needs:
-            ib = _on(dev, D.pad_batch([self.idk[i] for i in ids], pad_id))
+            ib = _on(dev, D.pad_batch([self._idk(epoch)[i] for i in ids], pad_id))
             ilp, icount = sequence_logprobs(model, ib["input_ids"], ib["attention_mask"], ib["labels"])
             x["idk_logp"] = reduce_logp(ilp, icount, red)
         for key, b in (("logp_ref", fb), ("idk_logp_ref", ib)):
@@ -328,6 +346,8 @@ class UnlearnTask:
         # retain side: retain NLL is always logged; gradients only when the objective reads it
         if "retain_logits" in needs:
             rlp, rn, rlogits, rmask = token_logits(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
+            if self.dialect.kl_positions == "all":   # open-unlearning: every position, prompt and padding too
+                rmask = None
             x.update(retain_logits=rlogits, retain_ref_logits=reference.logits(rb), retain_mask=rmask)
         elif "retain_hidden" in needs:
             rlogits, rhidden = forward(model, rb["input_ids"], rb["attention_mask"], layer)
@@ -341,6 +361,15 @@ class UnlearnTask:
         terms = self.obj(x)
         tokens = int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
         return terms.loss, self._stats(terms, lp, n, rlp, rn, x), tokens
+
+    def _idk(self, epoch: int) -> list:
+        """The IDK answers of ``epoch``: fixed for the run, or (``idk_sampling="per_step"``) redrawn each epoch,
+        i.e. each time an example is drawn (open-unlearning's ``__getitem__``)."""
+        if self.dialect.idk_sampling == "fixed":
+            return self.idk
+        if self._idk_epoch is None or self._idk_epoch[0] != epoch:
+            self._idk_epoch = (epoch, self._encode_idk(self.job.run.seed * 1_000 + epoch + 1))
+        return self._idk_epoch[1]
 
     def _token_inputs(self, logits, hidden, fb: dict, ids, reference: Reference, layer) -> dict[str, torch.Tensor]:
         """The per-token, logit-level and activation inputs of the forget batch that the objective reads."""

@@ -93,7 +93,7 @@ def evals(tiny_ckpt, tofu_data_dir, tmp_path_factory):
 
 def test_eval_logs_every_new_metric_with_ci(evals):
     log, s = evals["model"]
-    assert list(log) == [*TASKS, X.EXTRA_KEY]
+    assert list(log) == [*TASKS, X.EXTRA_KEY, "dialect"]
     # privleak is defined where the retain model's AUC is > 0 (a random tiny model at 4 questions may score 0)
     defined = [a for a in X.ATTACKS if s[f"mia_auc_{a}"] > 0]
     assert len(defined) >= 2

@@ -221,7 +221,8 @@ def test_eval_cli_writes_tofu_log_that_reloads_through_aggregate(ckpt, tofu_data
     assert cli.main(argv) == 0
     log = json.loads((out / "eval_log_aggregated.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert list(log) == [*A.TASKS, "eval_extra_metrics"]  # TOFU's four, then full_scale.extra_metrics' block
+    assert list(log) == [*A.TASKS, "eval_extra_metrics", "dialect"]  # TOFU's four, the extra block, the dialect
+    assert log["dialect"] == "npo-sim"
     for key, task in ((k, log[k]) for k in A.TASKS):
         for m in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall", "generated_text"):
             assert list(task[m]) == [str(i) for i in range(DS)], (key, m)  # TOFU's {index: value} layout
