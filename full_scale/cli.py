@@ -367,6 +367,26 @@ def convert_main(args) -> int:
     return 0
 
 
+def add_compare_dialects_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("studies", nargs="+", metavar="DIALECT=DIR",
+                   help="one study per dialect (its directory, report/ or summary.json); the first is the baseline")
+    p.add_argument("--out", required=True, help="output directory: dialects.csv and dialects.md")
+
+
+def compare_dialects_main(args) -> int:
+    from .dialect_report import write
+
+    studies = {}
+    for item in args.studies:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"expected DIALECT=DIR, got {item!r}")
+        studies[name] = path
+    df = write(studies, args.out)
+    print(f"wrote {args.out}/dialects.csv and dialects.md ({len(df)} rows)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------------
@@ -381,6 +401,8 @@ COMMANDS = {
     "study": ("the tofu-mini study (fine-tune, unlearn, evaluate, report)", add_study_arguments, study_main),
     "convert": ("convert eval output between TOFU's and open-unlearning's layouts", add_convert_arguments,
                 convert_main),
+    "compare-dialects": ("how far FQ and MU move between dialects: one study per dialect",
+                         add_compare_dialects_arguments, compare_dialects_main),
 }
 
 

@@ -71,9 +71,9 @@ class Dialect:
     #: ``evaluate_util.py`` ``get_batch_loss`` on the model's logits)
     eval_ce_dtype: str = "float32"
     # ---- reductions (tasks)
-    #: GA / retain NLL / fine-tuning: per-example token "mean" then a mean over examples (npo-sim, tofu's
-    #: per-sequence losses averaged), "pooled" token mean over the micro-batch (HF's ``outputs.loss``:
-    #: open-unlearning ``compute_batch_nll`` callers, tofu's GA via ``model(...).loss``), or "sum"
+    #: GA / retain NLL / fine-tuning: per-example token "mean" then a mean over examples (npo-sim), the
+    #: token mean "pooled" over the micro-batch (HF's ``outputs.loss``: tofu ``dataloader.py`` GA, grad_diff
+    #: and fine-tuning, the NPO repository's GA/retain terms, open-unlearning's GA/NLL), or "sum"
     nll_reduction: str = "mean"
     #: KL(ref‖θ) positions: "answer" tokens (npo-sim) or "all" positions, prompt and padding included
     #: (open-unlearning ``compute_kl_divergence``: ``kl_div(..., reduction="batchmean")`` over the flat logits)
@@ -147,14 +147,15 @@ SCORED_TAGS = {"phi": ("Question: {question}\n", "Answer: "), "llama2-chat": ("[
 DIALECTS: dict[str, Dialect] = {
     "npo-sim": Dialect("npo-sim"),
     "tofu": Dialect("tofu", tokenization="joined", answer_tag="", score_answer_tag=True, max_length=200,
-                    generation_budget="total_length", generation_max_length=200, eval_ce_dtype="model"),
+                    generation_budget="total_length", generation_max_length=200, eval_ce_dtype="model",
+                    nll_reduction="pooled"),
     "open-unlearning": Dialect("open-unlearning", tokenization="joined", max_length=512,
                                drop_first_answer_token=True, nll_reduction="pooled", kl_positions="all",
                                truth_ratio="prob_mean", simnpo_margin="beta_delta", simnpo_beta=4.5,
                                simnpo_forget_weight=0.125, idk_sampling="per_step"),
     "npo-official": Dialect("npo-official", tokenization="joined", answer_tag="", score_answer_tag=True,
                             max_length=200, generation_budget="total_length", generation_max_length=200,
-                            eval_ce_dtype="model", truth_ratio="tofu-utility"),
+                            eval_ce_dtype="model", truth_ratio="tofu-utility", nll_reduction="pooled"),
 }
 DEFAULT = "npo-sim"
 
@@ -190,7 +191,8 @@ CONVENTIONS = (
      "open-unlearning src/data/utils.py (prompt tokenised alone)"),
     ("generation budget", "generation_budget", "tofu evaluate_util.py run_generation (max_length=200 in total)"),
     ("eval cross-entropy dtype", "eval_ce_dtype", "tofu evaluate_util.py get_batch_loss (bf16 logits)"),
-    ("GA / NLL reduction", "nll_reduction", "HF outputs.loss (pooled); open-unlearning compute_batch_nll"),
+    ("GA / NLL reduction", "nll_reduction", "HF outputs.loss, pooled over the batch: tofu and NPO dataloader.py, "
+                                            "open-unlearning GA/NLL"),
     ("KL positions", "kl_positions", "open-unlearning src/trainer/utils.py compute_kl_divergence"),
     ("truth ratio", "truth_ratio",
      "tofu aggregate_eval_stat.py; tofu utils.get_model_utility; open-unlearning prob_mean"),

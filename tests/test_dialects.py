@@ -174,3 +174,33 @@ def test_aggregate_refuses_logs_of_two_dialects_and_convert_round_trips(tofu_ref
     assert code == 2 and len(err) == 1 and "different dialects" in err[0]
     assert cli(["convert", str(tmp_path / "ck.json"), "--to", "open-unlearning", "--out", str(tmp_path / "ou")]) == 0
     assert (tmp_path / "ou" / "TOFU_EVAL.json").is_file() and (tmp_path / "ou" / "TOFU_SUMMARY.json").is_file()
+
+
+def test_compare_dialects_table_by_hand(tmp_path):
+    from full_scale.dialect_report import compare, markdown
+
+    def summary(fq, mu, tfq, tmu):
+        return {"targets": {"s": {"forget_quality": tfq, "model_utility": tmu}},
+                "best_fq": [{"split": "s", "method": "npo", "fq_last": fq, "mu_last": mu}]}
+    for name, s in {"a": summary(0.01, 0.5, 1e-4, 0.7), "b": summary(0.1, 0.45, 1e-4, 0.6)}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    df = compare({"a": tmp_path / "a", "b": tmp_path / "b"}).set_index("method")
+    assert df.loc["npo", "max_abs_dlog10_fq"] == pytest.approx(1.0)
+    assert df.loc["npo", "max_abs_dmu"] == pytest.approx(0.05)
+    assert df.loc["target", "max_abs_dlog10_fq"] == 0 and df.loc["target", "max_abs_dmu"] == pytest.approx(0.1)
+    assert "| s | NPO | 0.01 | 0.1 | 0.500 | 0.450 | 1.00 | 0.050 |" in markdown(df.reset_index(), ["a", "b"])
+
+
+def test_eval_in_tofu_dialect_and_unlearn_in_open_unlearning_dialect_run(tiny_ckpt, tofu_data_dir, tmp_path):
+    common = ["--data-dir", str(tofu_data_dir), "--threads", "1"]
+    assert cli(["eval", "--model", str(tiny_ckpt), "--forget-split", "mini-forget10", "--ds-size", "1",
+                "--out", str(tmp_path / "ev"), "--dialect", "tofu", "--no-extra-metrics", *common]) == 0
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["dialect"] == "tofu" and s["truth_ratio_formula"] == "tofu" and '"dialect": "tofu"' in json.dumps(s["config"])
+    assert json.loads((tmp_path / "ev" / "eval_log_aggregated.json").read_text())["dialect"] == "tofu"
+    assert cli(["unlearn", "--preset", "mini", "--model", str(tiny_ckpt), "--method", "ga_kl", "--out",
+                str(tmp_path / "ul"), "--epochs", "1", "--batch-size", "40", "--no-progress", "--collapse-questions",
+                "0", "--dialect", "open-unlearning", *common]) == 0
+    cfg = json.loads((tmp_path / "ul" / "config.json").read_text())
+    assert (cfg["dialect"], cfg["ga_reduction"], cfg["max_length"]) == ("open-unlearning", "pooled", 512)
