@@ -83,18 +83,21 @@ def to_open_unlearning(log: dict, retain_log: dict | None = None) -> tuple[dict,
 def from_open_unlearning(ou: dict, where: str = "TOFU_EVAL.json") -> dict:
     """A TOFU-layout log (``{index: value}`` per-sample dicts) from an open-unlearning ``TOFU_EVAL`` dict."""
     log: dict = {}
+
+    def vals(prefix: str, name: str, field: str, key: str) -> dict:
+        k = f"{prefix}_{name}"
+        if k not in ou or "value_by_index" not in ou[k]:
+            raise UserError(f"{where}: missing {k}.value_by_index (needed for {key})")
+        try:
+            return {str(int(i)): v[field] for i, v in ou[k]["value_by_index"].items()}
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where}: {k}.value_by_index entries need {field!r}") from None
+
     for key, prefix in OU_SETS.items():
-        def vals(name: str, field: str, prefix=prefix):
-            k = f"{prefix}_{name}"
-            if k not in ou or "value_by_index" not in ou[k]:
-                raise UserError(f"{where}: missing {k}.value_by_index (needed for {key})")
-            try:
-                return {str(int(i)): v[field] for i, v in ou[k]["value_by_index"].items()}
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{where}: {k}.value_by_index entries need {field!r}") from None
-        log[key] = {"avg_gt_loss": vals("Q_A_Prob", "avg_loss"), "avg_paraphrased_loss": vals("Q_A_PARA_Prob", "avg_loss"),
-                    "average_perturb_loss": vals("Q_A_PERT_Prob", "avg_loss"),
-                    "rougeL_recall": vals("Q_A_ROUGE", "rougeL_recall")}
+        log[key] = {"avg_gt_loss": vals(prefix, "Q_A_Prob", "avg_loss", key),
+                    "avg_paraphrased_loss": vals(prefix, "Q_A_PARA_Prob", "avg_loss", key),
+                    "average_perturb_loss": vals(prefix, "Q_A_PERT_Prob", "avg_loss", key),
+                    "rougeL_recall": vals(prefix, "Q_A_ROUGE", "rougeL_recall", key)}
     if ou.get(DIALECT_KEY):
         log[DIALECT_KEY] = ou[DIALECT_KEY]
     return log

@@ -197,7 +197,8 @@ def test_eval_in_tofu_dialect_and_unlearn_in_open_unlearning_dialect_run(tiny_ck
     assert cli(["eval", "--model", str(tiny_ckpt), "--forget-split", "mini-forget10", "--ds-size", "1",
                 "--out", str(tmp_path / "ev"), "--dialect", "tofu", "--no-extra-metrics", *common]) == 0
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert s["dialect"] == "tofu" and s["truth_ratio_formula"] == "tofu" and '"dialect": "tofu"' in json.dumps(s["config"])
+    assert s["dialect"] == "tofu" and s["truth_ratio_formula"] == "tofu"
+    assert '"dialect": "tofu"' in json.dumps(s["config"])
     assert json.loads((tmp_path / "ev" / "eval_log_aggregated.json").read_text())["dialect"] == "tofu"
     assert cli(["unlearn", "--preset", "mini", "--model", str(tiny_ckpt), "--method", "ga_kl", "--out",
                 str(tmp_path / "ul"), "--epochs", "1", "--batch-size", "40", "--no-progress", "--collapse-questions",
