@@ -466,3 +466,16 @@ def claims(fig_dir: Path) -> list[Claim]:
             _best_is_npo(best, tag, s.get("mu_fraction", 0.9)),
             _divergence_law(pd.read_csv(mini / "lm_curves.csv"), tag),
             _privleak_claim(last, tag), _fluency_claim(last, tag)]
+
+
+def sections(fig_dir: Path) -> list[tuple[str, str]]:
+    """Extra ``figures/REPORT.md`` sections from full_scale's committed outputs, as ``(title, markdown)``:
+    the dialect comparison (``tofu_mini/dialects.md``, written by ``npo-tofu compare-dialects``)."""
+    path = Path(fig_dir) / "tofu_mini" / "dialects.md"
+    if not path.is_file():
+        return []
+    intro = ("The tofu-mini study (mini-forget10) run end to end, fine-tuning included, in each dialect "
+             "(`npo-tofu study --dialect NAME`), with tiny-llama 1M; last-epoch FQ and MU per method. "
+             "`max abs Δ` is the largest move from the first column's dialect. The dialects' conventions are "
+             "the table in README.md (Dialects).")
+    return [("How much do conventions move the numbers?", intro + "\n\n" + path.read_text().strip())]
