@@ -45,8 +45,9 @@ def _log10(x) -> float:
     return math.log10(x) if x is not None and x > 0 else math.nan
 
 
-def compare(studies: dict[str, str | Path]) -> pd.DataFrame:
-    """``{dialect: study dir or summary.json}`` -> one row per (split, method) the first dialect has."""
+def compare(studies: dict[str, str | Path], complete_only: bool = True) -> pd.DataFrame:
+    """``{dialect: study dir or summary.json}`` -> one row per (split, method) the first dialect has
+    (``complete_only``: only those every dialect measured)."""
     if len(studies) < 2:
         raise UserError("compare-dialects needs at least two studies (NAME=DIR)")
     tables = {d: _rows(_summary(p)) for d, p in studies.items()}
@@ -64,6 +65,8 @@ def compare(studies: dict[str, str | Path]) -> pd.DataFrame:
                 dmu.append(abs(mu - mu0))
         row["max_abs_dlog10_fq"] = max(dfq) if dfq else math.nan
         row["max_abs_dmu"] = max(dmu) if dmu else math.nan
+        if complete_only and len(dmu) < len(names) - 1:
+            continue
         rows.append(row)
     return pd.DataFrame(rows)
 
