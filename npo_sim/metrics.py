@@ -92,7 +92,9 @@ def _ols(x, y) -> Fit:
     (slope, intercept), *_ = np.linalg.lstsq(A, y, rcond=None)
     resid = y - (slope * x + intercept)
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    # a constant curve has nothing to explain: R² = 0, so that no law "fits" a run that never moves
+    # (a null method); any fit of it is as good as the mean
+    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 1e-24 * max(1.0, float(np.sum(y ** 2))) else 0.0
     return Fit(float(slope), float(intercept), r2)
 
 
@@ -107,6 +109,55 @@ def log_fit(t, y, offset: float = 1.0) -> Fit:
     if (t + offset <= 0).any():
         raise ValueError("log_fit: t + offset must be > 0")
     return _ols(np.log(t + offset), y)
+
+
+def power_fit(t, y) -> Fit:
+    """``y ≈ A·t^p`` fitted as a line in log-log (``slope`` = p, ``intercept`` = log A), with ``r2`` the
+    coefficient of determination of ``A·t^p`` on ``y`` itself (comparable to :func:`log_fit`'s and
+    :func:`linear_fit`'s). Needs t > 0 and y > 0; a curve that is not positive gets R² = 0."""
+    t, y = np.asarray(t, dtype=float), np.asarray(y, dtype=float)
+    if (t <= 0).any():
+        raise ValueError("power_fit: t must be > 0")
+    if (y <= 0).any():
+        return Fit(float("nan"), float("nan"), 0.0)
+    f = _ols(np.log(t), np.log(y))
+    pred = np.exp(f.intercept) * t ** f.slope
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 1e-24 * max(1.0, float(np.sum(y ** 2))) else 0.0
+    return Fit(f.slope, f.intercept, r2)
+
+
+def exponents(X: dict, y, level: float = 0.95) -> dict:
+    """Power-law exponents ``y ∝ Π_k x_k^{e_k}``, fitted jointly by least squares in logs (with an intercept).
+
+    ``X`` maps a regressor's name to its positive values. Returns ``{name: {"exponent", "ci"}}`` (a
+    ``level`` t-interval from the OLS standard errors), plus ``"r2"`` and ``"dof"``. A regressor that
+    does not vary, or too few points for an interval (dof < 1), gives ``None`` where the number would be.
+    """
+    y = np.asarray(y, dtype=float)
+    names = list(X)
+    cols = [np.log(np.asarray(X[k], dtype=float)) for k in names]
+    varied = [k for k, c in zip(names, cols) if c.size and np.ptp(c) > 0]
+    out: dict = {k: {"exponent": None, "ci": None} for k in names}
+    if not varied or (y <= 0).any() or not np.isfinite(y).all():
+        return {**out, "r2": None, "dof": 0}
+    A = np.column_stack([cols[names.index(k)] for k in varied] + [np.ones_like(y)])
+    ly = np.log(y)
+    coef, *_ = np.linalg.lstsq(A, ly, rcond=None)
+    resid = ly - A @ coef
+    dof = len(y) - A.shape[1]
+    ss_tot = float(np.sum((ly - ly.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else 0.0
+    se = None
+    if dof >= 1:
+        s2 = float(np.sum(resid ** 2)) / dof
+        cov = s2 * np.linalg.pinv(A.T @ A)
+        se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        q = float(_stats().t.ppf(0.5 + level / 2, dof))
+    for i, k in enumerate(varied):
+        out[k] = {"exponent": float(coef[i]),
+                  "ci": None if se is None else [float(coef[i] - q * se[i]), float(coef[i] + q * se[i])]}
+    return {**out, "r2": r2, "dof": int(dof)}
 
 
 # --------------------------------------------------------------------------------------------------

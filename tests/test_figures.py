@@ -43,8 +43,14 @@ def test_report_has_one_complete_row_per_claim(quick_figures):
         assert any(kw in r for r in rows), kw
     for r in rows:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]]
-        assert len(cells) == 5 and all(cells), r
-        assert re.search(r"\*\*(holds|partly|does not hold|not measured|n/a[^*]*)\*\*", cells[3]), r
+        assert len(cells) == 7 and all(cells), r     # #, claim, measured, verdict, criterion, checks, figure
+        assert re.search(r"\*\*(holds[^*]*|partly|does not hold|not measured|vacuous[^*]*|n/a[^*]*)\*\*", cells[3]), r
+    # no criterion is met by the null method (that would read "vacuous"), and the controls are reported
+    assert not any("**vacuous" in r for r in rows)
+    assert any("null method" in r for r in rows)
+    # the header explains every verdict word
+    for word in ("holds", "partly", "does not hold", "not measured", "vacuous"):
+        assert f"- **{word}**:" in text, word
     # numbered 1..n, no gaps
     assert [int(r.split("|")[1]) for r in rows] == list(range(1, len(rows) + 1))
 

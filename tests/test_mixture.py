@@ -349,9 +349,10 @@ def test_config_is_validated_and_never_rewrites_itself():
 def test_report_configs():
     full, smoke = mx.report_configs(False), mx.report_configs(True)
     assert list(full) == list(smoke) == ["synthetic_alpha1", "synthetic_alpha0"]
-    assert full["synthetic_alpha1"] == mx.SyntheticConfig(alpha=1.0)
+    assert full["synthetic_alpha1"] == mx.SyntheticConfig(alpha=1.0, beta_sweep=mx.REPORT_BETA_SWEEP)
     assert full["synthetic_alpha1"].seeds == 20 and not full["synthetic_alpha1"].compare_pretrain
     assert smoke["synthetic_alpha0"] == mx.SyntheticConfig(alpha=0.0, seeds=1, steps=400, compare_pretrain=False)
+    assert smoke["synthetic_alpha1"].beta_sweep == mx.REPORT_BETA_SWEEP
 
 
 def test_claims_are_finished_records(alpha1_run):
@@ -369,13 +370,13 @@ def test_verdicts_downgrade_to_partly_by_the_weaker_reading():
     """A claim that fails as stated is "partly" when its weaker reading holds; unmeasured is "not measured"."""
     finding = {f.key: f for f in analysis.FINDINGS}
     div = {"claim": "c", "criterion": "r", "holds": False, "measured": {
-        "ga": {"start": 1.0, "half_way": 2.0, "end": 30.0, "min": 1.0, "diverges": True},
-        "ga_rt": {"start": 1.0, "half_way": 2.0, "end": 3.0, "min": 1.0, "diverges": False}}}
+        "ga": {"start": 1.0, "half_way": 2.0, "end": 30.0, "min": 1.0, "diverges_ci": True},
+        "ga_rt": {"start": 1.0, "half_way": 2.0, "end": 3.0, "min": 1.0, "diverges_ci": False}}}
     verdict = lambda key, rec: analysis._claim(finding[key], rec, 0.0).verdict  # noqa: E731
     assert verdict("ga_retain_diverges", div) == C.PARTLY
     assert verdict("ga_retain_diverges", {**div, "holds": True}) == C.HOLDS
     assert verdict("ga_retain_diverges", {**div, "holds": None}) == C.NA
-    div["measured"]["ga"]["diverges"] = False
+    div["measured"]["ga"]["diverges_ci"] = False
     assert verdict("ga_retain_diverges", div) == C.FAILS
     start = {"claim": "c", "criterion": "r", "holds": None,
              "measured": {"forget_distance": 0.057, "retain_distance": 0.058}}

@@ -27,7 +27,7 @@ def main(args) -> int:
     res = run_figures(Path(args.out), Path(args.runs), smoke=args.quick, only=only, report_only=args.report_only)
     n = count_verdicts(res["claims"])
     print(f"wrote {res['report']} ({len(res['claims'])} claims: {n[C.HOLDS]} hold, {n[C.PARTLY]} "
-          f"partly, {n[C.FAILS]} do not hold, {n[C.NA]} not measured) "
+          f"partly, {n[C.FAILS]} do not hold, {n[C.NA]} not measured, {n[C.VACUOUS]} vacuous) "
           f"in {time.perf_counter() - t0:.0f} s")
     for k, v in res["timings"].items():
         print(f"  {k:32s} {v:6.1f} s")

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESET_NAMES)}")
     p.add_argument("--model", default="tabular", help="tabular (default) or transformer")
     p.add_argument("--quick", action="store_true", help="smaller/faster version (used by `npo-sim figures`)")
+    p.add_argument("--paper", action="store_true",
+                   help="the SimNPO authors' setup (transformer, length/memorization: 4-layer width-128 post-LN GPT, "
+                        "AdamW 5e-4, 4 forget sequences per step, 50 steps, beta 1)")
     p.add_argument("--out", required=True, help="run directory for curves.csv, summary.json, figure")
     p.add_argument("--figures", default="figures", help="directory that receives a copy of the figure ('' = none)")
     p.add_argument("--seed", type=int, default=0)
@@ -48,8 +51,12 @@ def main(args) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     methods = args.methods or None
-    cfg = make_config(args.preset, args.model, args.quick, args.seed, methods=methods, eps=args.eps,
+    cfg = make_config(args.preset, args.model, args.quick, args.seed, paper=args.paper, methods=methods, eps=args.eps,
                       length=args.length, steps=args.steps, lr=args.lr, beta=args.beta)
+    from .. import losses
+    from ..settings.markov import SUPPLIES
+
+    print(f"note: {losses.skip_note('the Markov setting', SUPPLIES)}")
     run = run_study(STUDY, cfg, args.out, args.figures or None, progress=True)
     print(format_summary(run))
     tables = ", ".join(f"{name}.csv" for name in run.results.tables)

@@ -55,8 +55,8 @@ def format_table(summary: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     methods = SUPPORTED if list(args.methods) == ["all"] else tuple(args.methods)
     skip = losses.skip_note("the §4 mixture", SUPPLIES)
-    if skip and list(args.methods) == ["all"]:
-        print(skip)
+    if skip:
+        print(f"note: {skip}")
     cfg = SyntheticConfig(alpha=args.alpha, seeds=args.seeds, seed0=args.seed0, pretrain=args.pretrain,
                           compare_pretrain=args.compare_pretrain, methods=methods, steps=args.steps,
                           record_every=args.record_every, dtype=args.dtype)

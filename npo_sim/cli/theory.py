@@ -46,7 +46,14 @@ def config_from_args(args) -> TheoryConfig:
 
 
 def main(args) -> int:
+    from .. import losses
+    from ..settings.logistic_data import SUPPLIES
+
     cfg = config_from_args(args)
+    skipped = losses.skip_note("the logistic lab", SUPPLIES, losses.methods(retain_free=True))
+    print(f"note: the logistic lab runs the retain-free objectives it can feed ({', '.join(METHODS)}); it skips "
+          "every objective with a retain term, RMU included (no retain set, no activations)"
+          + (f"; {skipped}" if skipped else ""))
     run = run_study(STUDY, cfg, args.out, args.figures or None, progress=True)
     print(STUDY.describe(run.results, cfg))
     print(f"wrote {args.out}/summary.json, trajectories.csv, figures ({run.seconds:.1f}s)")

@@ -77,13 +77,23 @@ def _prop1(cfg: CoreConfig, logp: torch.Tensor, logp_ref: torch.Tensor) -> dict:
             "loss_gap_at_min_beta": loss_gaps[-1], "grad_gap_at_min_beta": grad_gaps[-1]}
 
 
-def _weight(cfg: CoreConfig, logp: torch.Tensor) -> dict:
-    """The range of W over the log-ratio grid, and W at θ = ref."""
+#: βr = β(log π_θ − log π_ref) at which "π_θ ≪ π_ref" is read: (π_θ/π_ref)^β = e^{−4} ≈ 0.018
+SMALL_BETA_R = (-4.0, -8.0, -16.0)
+
+
+def _weight(cfg: CoreConfig, logp: torch.Tensor, weight=npo_weight) -> dict:
+    """W over the log-ratio grid (range, monotone in the log-ratio), at π_θ ≪ π_ref, and at θ = ref."""
     ratios = log_ratio_grid(cfg)
-    W = [npo_weight(ratios, torch.zeros_like(ratios), b) for b in cfg.weight_betas]
+    W = [weight(ratios, torch.zeros_like(ratios), b) for b in cfg.weight_betas]
+    small = {f"{b:g}": [float(weight(torch.tensor([x / b], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                                     b)) for x in SMALL_BETA_R] for b in cfg.weight_betas}
     betas = ", ".join(f"{b:g}" for b in cfg.weight_betas)
     return {"min": min(float(w.min()) for w in W), "max": max(float(w.max()) for w in W),
-            "max_abs_dev_from_1_at_ref": float(npo_weight(logp, logp, 0.7).sub(1).abs().max()),
+            "monotone": all(bool((torch.diff(w) >= 0).all()) for w in W),
+            "below_2_ratio_pow_beta": all(bool((w <= 2 * torch.exp(b * ratios) * (1 + 1e-12)).all())
+                                          for w, b in zip(W, cfg.weight_betas)),
+            "at_small_ratio": small, "small_beta_r": list(SMALL_BETA_R),
+            "max_abs_dev_from_1_at_ref": float(weight(logp, logp, 0.7).sub(1).abs().max()),
             "range_checked": f"log-ratio in [{-cfg.log_ratio_max:g}, {cfg.log_ratio_max:g}], beta in {{{betas}}}"}
 
 
@@ -120,14 +130,23 @@ def _prop1_claim(s: dict) -> C.Claim:
         "holds when both gaps shrink strictly as β decreases and the loss gap at the smallest β is < 1e-3")
 
 
+#: "W ≪ 1": the bound W must be under at (π_θ/π_ref)^β = e^{−4}
+SMALL_W = 0.05
+
+
 def _weight_claim(s: dict) -> C.Claim:
     w = s["weight"]
+    at4 = {b: v[0] for b, v in w["at_small_ratio"].items()}
+    ok = w["monotone"] and w["below_2_ratio_pow_beta"] and all(v < SMALL_W for v in at4.values())
     return C.Claim(
-        "NPO weight W = 2π_θ^β/(π_θ^β+π_ref^β) ∈ (0, 2), W = 1 at θ = ref",
-        f"min {w['min']:.2e}, max {w['max']:.15g} over {w['range_checked']}; |W−1| at ref "
-        f"{w['max_abs_dev_from_1_at_ref']:.1e}",
-        C.verdict(0 < w["min"] and w["max"] < 2 and w["max_abs_dev_from_1_at_ref"] < 1e-12), FIGURE,
-        "holds when 0 < min W and max W < 2 over the checked range, and |W − 1| < 1e-12 at θ = ref")
+        "NPO's weight W = 2π_θ^β/(π_θ^β+π_ref^β) is an adaptive smoothing weight: W ≪ 1 when π_θ ≪ π_ref",
+        f"W increasing in log π_θ − log π_ref: {w['monotone']}; W ≤ 2(π_θ/π_ref)^β: {w['below_2_ratio_pow_beta']} "
+        f"over {w['range_checked']}; W at (π_θ/π_ref)^β = e^−4 for β = "
+        + ", ".join(f"{b}: {v:.3g}" for b, v in at4.items())
+        + f"; range ({w['min']:.2e}, {w['max']:.15g}); W at θ = ref {1 + w['max_abs_dev_from_1_at_ref']:.0f}",
+        C.verdict(ok), FIGURE,
+        f"holds when, at every β checked, W is non-decreasing in the log-ratio, W ≤ 2(π_θ/π_ref)^β on the grid, "
+        f"and W < {SMALL_W:g} at (π_θ/π_ref)^β = e^−4 (GA's weight, 1 everywhere, fails)")
 
 
 def _bounded_claim(s: dict) -> C.Claim:

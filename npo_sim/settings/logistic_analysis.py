@@ -21,7 +21,7 @@ import torch
 
 from .. import theory
 from ..losses import FORGET_TERMS, OBJECTIVES, get_objective
-from ..metrics import linear_fit, log_fit
+from ..metrics import exponents, linear_fit, log_fit, power_fit
 
 if TYPE_CHECKING:
     from .logistic import TheoryConfig
@@ -64,7 +64,7 @@ def fit_table(traj: pd.DataFrame, eps: float) -> pd.DataFrame:
         tail = g["tail_weight"].to_numpy() if "tail_weight" in g else g["npo_weight"].to_numpy() / 2
         small = np.fmax(g["forget_prob"].to_numpy(), tail)   # fmax ignores NaN (no tail weight)
         w, in_regime = _window(t, small, eps)
-        lin, lg = linear_fit(t[w], D[w]), log_fit(t[w], D[w])
+        lin, lg, pw = linear_fit(t[w], D[w]), log_fit(t[w], D[w]), power_fit(t[w], D[w])
         # the per-method law (``_laws``) reads the RMS logit shift ‖θ_t − θ_init‖_{XᵀX}/√n_f; its log-slope
         # on the last decade, where the transient is smallest (the slope nears 1/a from above)
         shift = g["rms_shift"].to_numpy()
@@ -76,6 +76,7 @@ def fit_table(traj: pd.DataFrame, eps: float) -> pd.DataFrame:
                      "gram_rowsum_rms": first.get("gram_rowsum_rms", np.nan),
                      "fit_from": float(t[w].min()), "in_regime": in_regime,
                      "linear_slope": lin.slope, "linear_r2": lin.r2, "log_slope": lg.slope, "log_r2": lg.r2,
+                     "power_exponent": pw.slope, "power_r2": pw.r2,
                      "distance_T": float(D[-1]), "npo_weight_T": float(g["npo_weight"].iloc[-1]),
                      "shift_linear_slope": s_lin.slope, "shift_linear_r2": s_lin.r2, "shift_log_slope": s_log.slope,
                      "shift_log_r2": s_log.r2, "shift_T": float(shift[-1]),
@@ -84,7 +85,7 @@ def fit_table(traj: pd.DataFrame, eps: float) -> pd.DataFrame:
 
 
 def _scaling(x: np.ndarray, y: np.ndarray) -> dict:
-    if len(x) < 3 or np.ptp(np.log(x)) == 0:
+    if len(x) < 3 or np.ptp(np.log(x)) == 0 or not (y > 0).all():
         return {"n_configs": int(len(x))}
     f = linear_fit(np.log(x), np.log(y))
     ratio = y / x
@@ -138,7 +139,10 @@ def _ga_headline(grid: pd.DataFrame, ga: pd.Series) -> dict:
             "distance_T": ga.distance_T, "eta": ga.eta, "n_f": int(ga.n_f), "d": int(ga.d),
             "fit_from": ga.fit_from, "linear_r2_min_over_grid": float(g.linear_r2.min()),
             "slope_scaling": {"law": "slope ~ eta/sqrt(n_f)",
-                              **_scaling((g.eta / np.sqrt(g.n_f)).to_numpy(), g.linear_slope.to_numpy())}}
+                              **_scaling((g.eta / np.sqrt(g.n_f)).to_numpy(), g.linear_slope.to_numpy())},
+            # each exponent on its own (a pooled regressor hides one that does not scale): η^1, n_f^(−1/2)
+            "exponents": {**exponents({"eta": g.eta.to_numpy(), "n_f": g.n_f.to_numpy()}, g.linear_slope.to_numpy()),
+                          "predicted": {"eta": 1.0, "n_f": -0.5}, "n_configs": int(len(g))}}
 
 
 def _npo_headline(grid: pd.DataFrame, npo: pd.Series, cfg: TheoryConfig) -> dict:
@@ -146,12 +150,16 @@ def _npo_headline(grid: pd.DataFrame, npo: pd.Series, cfg: TheoryConfig) -> dict
     main = g[g.beta.isin(cfg.betas)]
     in_log = g[g.in_regime]                                # reached the log regime (W << 1)
     return {"beta": cfg.base_beta, "log_slope": npo.log_slope, "log_r2": npo.log_r2,
-            "linear_r2": npo.linear_r2, "distance_T": npo.distance_T, "eta": npo.eta,
+            "linear_r2": npo.linear_r2, "power_r2": npo.power_r2, "power_exponent": npo.power_exponent,
+            "in_regime": bool(npo.in_regime), "distance_T": npo.distance_T, "eta": npo.eta,
             "n_f": int(npo.n_f), "d": int(npo.d), "fit_from": npo.fit_from,
             "log_r2_by_beta": {str(b): float(main[np.isclose(main.beta, b)].log_r2.min()) for b in cfg.betas},
             "log_slope_scaling": {"law": "log_slope ~ sqrt(n_f)/beta (configs in the log regime)",
                                   **_scaling((np.sqrt(in_log.n_f) / in_log.beta).to_numpy(),
-                                             in_log.log_slope.to_numpy())}}
+                                             in_log.log_slope.to_numpy())},
+            "exponents": {**exponents({"n_f": in_log.n_f.to_numpy(), "beta": in_log.beta.to_numpy()},
+                                      in_log.log_slope.to_numpy()),
+                          "predicted": {"n_f": 0.5, "beta": -1.0}, "n_configs": int(len(in_log))}}
 
 
 def _data_summary(grid: pd.DataFrame, traj: pd.DataFrame, cfg: TheoryConfig) -> dict:
@@ -263,7 +271,9 @@ def _beta_sweep(fits: pd.DataFrame, traj: pd.DataFrame, cfg: TheoryConfig, ga: p
             t, d_npo = _curve(traj, int(row.config_id))
             _, d_ga = _curve(traj, int(ga.config_id))
             early = (t > 0) & (t <= 1000)
-            entry["max_rel_dev_from_ga_t_le_1e3"] = float(np.max(np.abs(d_npo[early] / d_ga[early] - 1)))
+            with np.errstate(divide="ignore", invalid="ignore"):   # a curve that never moves: nan
+                dev = np.abs(d_npo[early] / d_ga[early] - 1)
+            entry["max_rel_dev_from_ga_t_le_1e3"] = float(np.max(dev)) if np.isfinite(dev).all() else None
         sweep.append(entry)
     return sweep
 
@@ -298,8 +308,11 @@ def _npo_envelope(shifts: pd.DataFrame, cfg: TheoryConfig, npo: pd.Series) -> tu
     C = theory.implied_rate(t, np.abs(b), npo.eta0, npo.beta)             # (S>0, n_f)
     C_a, C_b = theory.envelope_constants(t, np.abs(b), npo.eta0, npo.beta)
     decades = _decades(t, C, cfg.steps)
-    env = {"C_a": C_a, "C_b": C_b, "ratio": C_b / C_a, "beta": npo.beta, "eta0": npo.eta0, "by_decade": decades,
-           "last_decade_ratio": decades[-1]["C_b"] / decades[-1]["C_a"], "per_sample_drift": _drift(t[pos], C)}
+    ratio = lambda hi, lo: hi / lo if lo > 0 else math.inf  # noqa: E731  (C_a = 0: no lower envelope)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = _drift(t[pos], C)
+    env = {"C_a": C_a, "C_b": C_b, "ratio": ratio(C_b, C_a), "beta": npo.beta, "eta0": npo.eta0, "by_decade": decades,
+           "last_decade_ratio": ratio(decades[-1]["C_b"], decades[-1]["C_a"]), "per_sample_drift": drift}
     lo, hi = theory.npo_envelope(t, npo.eta0, npo.beta, C_a, C_b)
     overlays = [_ov("npo_envelope_lo", npo.config_id, -1, t, lo), _ov("npo_envelope_hi", npo.config_id, -1, t, hi)]
     sub = t[pos][:: max(1, int(pos.sum()) // 30)]
@@ -343,6 +356,21 @@ def _reach_table(traj: pd.DataFrame, summary: dict, ga: pd.Series, npo: pd.Serie
     return {"quantity": "RMS logit shift sqrt(mean_i b_i^2) = distance_xtx/sqrt(n_f)",
             "theory": "GA: R/(c eta0), c in ga_envelope; NPO: (e^{beta R}-1)/(C eta0), C in [C_a, C_b]",
             "table": reach}
+
+
+def null_tables(traj: pd.DataFrame, shifts: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tables a zero-learning-rate method would give on the same grid (equally: the untouched target
+    held for the whole run): every config's (and sample's) step-0 row at every record step."""
+    def hold(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        df = df.sort_values([*keys, "step"], kind="stable")
+        first = df.groupby(keys, sort=False).transform("first")
+        out = df.copy()
+        for c in df.columns:
+            if c not in (*keys, "step"):
+                out[c] = first[c].to_numpy()
+        return out.sort_index()
+
+    return hold(traj, ["config_id"]), hold(shifts, ["config_id", "sample"])
 
 
 def objective_of(method: str, beta: float, cfg: TheoryConfig):

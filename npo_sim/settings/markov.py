@@ -35,6 +35,7 @@ step, the ``privacy`` table (``markov_privacy``): exact memorization, LOSS-attac
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .. import claims as C
 from .. import losses, unlearn
 from ..losses import OBJECTIVES, get_objective
 from ..runio import NonFiniteLoss, UserError
@@ -60,7 +62,7 @@ from .markov_chains import (  # noqa: F401  (re-exported: tests and notebooks us
     make_chains,
     sample,
 )
-from .markov_findings import DIVERGENCE_LAWS, FINDINGS, figure_name, method_summary
+from .markov_findings import DIVERGENCE_LAWS, FINDINGS, figure_name, length_verdict, method_summary
 from .markov_privacy import Snapshots, run_privacy
 from .markov_transformer import TransformerConfig, TransformerModel
 
@@ -72,7 +74,8 @@ IDK_METHODS = frozenset(n for n, o in OBJECTIVES.items() if "idk_logp" in o.need
 # ==================================================================================================
 # configuration and presets
 # ==================================================================================================
-OPTIMIZERS = {"gd": None, "adam": lambda lr: (lambda ps: torch.optim.Adam(ps, lr=lr))}
+OPTIMIZERS = {"gd": None, "adam": lambda lr: (lambda ps: torch.optim.Adam(ps, lr=lr)),
+              "adamw": lambda lr: (lambda ps: torch.optim.AdamW(ps, lr=lr))}
 #: model name -> (build it for a config, how it is pretrained)
 MODELS = {
     "tabular": (lambda cfg: TabularModel(cfg.n_states, cfg.pseudocount), "exact MLE"),
@@ -116,6 +119,9 @@ class MarkovConfig:
     fit_from: int = 0                  # divergence fits use record steps >= fit_from (0: 1% of steps)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     seed: int = 0
+    #: robustness grid of the length claim: (β, lr) settings (β None: the registry defaults) in which the
+    #: claim's methods are rerun and the verdict recomputed (empty: none)
+    grid: tuple[tuple[float | None, float], ...] = ()
 
     def __post_init__(self) -> None:
         _choices("preset", self.preset, PRESETS)
@@ -139,6 +145,10 @@ class MarkovConfig:
                 raise UserError(f"{name} must be {rule}, got {getattr(self, name)}")
         if self.beta is not None and not self.beta > 0:
             raise UserError(f"beta must be > 0, got {self.beta}")
+        if any(not lr > 0 or (b is not None and not b > 0) for b, lr in self.grid):
+            raise UserError(f"grid settings need beta > 0 (or None) and lr > 0, got {self.grid}")
+        if self.grid and self.preset != "length":
+            raise UserError("a robustness grid is only declared for the length preset")
         if self.lr_scale and self.optimizer != "gd":
             raise UserError("lr_scale is only defined for optimizer 'gd'")
         if any(not v > 0 for _, v in self.lr_scale):
@@ -200,14 +210,35 @@ TUNING = {
 }
 
 
-def make_config(preset: str, model: str = "tabular", quick: bool = False, seed: int = 0, **overrides) -> MarkovConfig:
-    """The resolved config: preset defaults, then model tuning, then quick, then explicit (non-None) overrides."""
+#: the SimNPO authors' own synthetic setup (Unlearn-Simple, ``synthetic/``; the values as checked against that
+#: code in issue 18): model, pretraining, unlearning optimiser, batch, steps and β. Applies to the balance
+#: presets (length, memorization) on the transformer: ``make_config(preset, "transformer", paper=True)``.
+#: Known difference: the authors score the L−1 transitions of a sequence; this setting also scores the
+#: initial state (position 0, predicted from BOS).
+PAPER_SETUP = dict(
+    transformer=TransformerConfig(d_model=128, n_layers=4, n_heads=1, norm="post", pretrain_lr=5e-4, pretrain_epochs=5),
+    optimizer="adamw", lr=5e-4, batch_size=4, steps=50, beta=1.0, lr_scale=(), n_records=10, linear_records=11,
+    methods=("npo", "simnpo"),
+)
+#: the source of each PAPER_SETUP value, in words (the test checks the config against these)
+PAPER_SOURCE = "Unlearn-Simple (SimNPO authors), synthetic/: as read against that code in issue 18"
+
+
+def make_config(preset: str, model: str = "tabular", quick: bool = False, seed: int = 0, paper: bool = False,
+                **overrides) -> MarkovConfig:
+    """The resolved config: preset defaults, then model tuning, then quick, then the authors' setup
+    (``paper``: :data:`PAPER_SETUP`, transformer balance presets only), then explicit (non-None) overrides."""
     _choices("preset", preset, PRESETS)
     _choices("model", model, MODELS)
+    if paper and (model != "transformer" or preset == "divergence"):
+        raise UserError("the SimNPO authors' setup (paper=True) needs the transformer and the length or "
+                        "memorization preset")
     kw: dict = dict(PRESETS[preset])
     keys = [("*", model), (preset, model)] + ([("*", model, "quick"), (preset, model, "quick")] if quick else [])
     for k in keys:
         kw.update(TUNING.get(k, {}))
+    if paper:
+        kw.update(PAPER_SETUP)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     kw["methods"] = tuple(kw["methods"])
     return MarkovConfig(preset=preset, model=model, seed=seed, **kw)
@@ -339,6 +370,11 @@ def _unlearn_all(cfg: MarkovConfig, model, forget: SeqSet, retain: SeqSet, idk: 
 
 def simulate(cfg: MarkovConfig, progress: bool = False) -> Results:
     """Run every method of ``cfg``: the ``curves`` table and the summary (with its findings). Writes nothing."""
+    return _simulate(cfg, progress)
+
+
+def _simulate(cfg: MarkovConfig, progress: bool = False, privacy: bool = True) -> Results:
+    """:func:`simulate`; ``privacy=False`` skips the privacy table (the robustness grid's runs)."""
     torch.manual_seed(cfg.seed)
     chains, data = build_data(cfg)
     train = {s: d[0] for s, d in data.items()}
@@ -366,16 +402,69 @@ def simulate(cfg: MarkovConfig, progress: bool = False) -> Results:
         "diverged_at_step": diverged,
     }
     summary["findings"] = FINDINGS[cfg.preset].analyse(cfg, curves, summary)
+    if cfg.grid:
+        summary["findings"]["robustness"] = robustness(cfg)
+    if not privacy:
+        return Results({"curves": curves}, summary)
     privacy, summary["privacy"] = run_privacy(model, cfg.model, chains, evaluator, target, oracle, curves)
     return Results({"curves": curves, "privacy": privacy}, summary)
+
+
+def grid_label(beta: float | None, lr: float) -> str:
+    return f"β={'default' if beta is None else format(beta, 'g')}, lr={lr:g}"
+
+
+def robustness(cfg: MarkovConfig) -> dict:
+    """The preset's verdict rerun at every (β, lr) of ``cfg.grid`` on the methods its claim reads: per
+    setting, the verdict and the number it is judged on. Only the length preset declares a grid."""
+    reads = FINDINGS[cfg.preset].reads
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # many tiny runs: a second thread only adds overhead (restored below)
+    try:
+        for beta, lr in cfg.grid:
+            sub = dataclasses.replace(cfg, beta=beta, lr=lr, grid=(),
+                                      methods=tuple(m for m in cfg.methods if m in reads))
+            f = _simulate(sub, privacy=False).summary["findings"]
+            out[grid_label(beta, lr)] = {"beta": beta, "lr": lr, "verdict": length_verdict(f),
+                                         "share": f.get("path", {}).get("share", float("nan"))}
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 # ==================================================================================================
 # the Study, and the runs `npo-sim figures` makes
 # ==================================================================================================
+#: the control every Markov criterion also runs on: the methods at zero learning rate, which leave every
+#: record equal to the target's (step 0 held for the whole run)
+CONTROL = "null method (= step 0 held)"
+
+
+def null_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """The curves of a zero-learning-rate run: each method's step-0 row at every record step."""
+    out = curves.sort_values(["method", "step"], kind="stable").copy()
+    first = out.groupby("method", sort=False).transform("first")
+    for c in out.columns:
+        if c not in ("preset", "model", "method", "step"):
+            out[c] = first[c].to_numpy()
+    return out.sort_index()
+
+
 def findings(results: Results, cfg: MarkovConfig) -> list:
-    """The preset's claim, judged on the summary's findings block."""
-    return [FINDINGS[cfg.preset].claim(results.summary["findings"], cfg)]
+    """The preset's claim, judged on the summary's findings block, and the same criterion on the null
+    method's curves (met there too: vacuous). The robustness grid, when declared, is part of the verdict."""
+    finding, s = FINDINGS[cfg.preset], results.summary
+    claim = finding.claim(s["findings"], cfg)
+    if "curves" not in results.tables:
+        return [claim]
+    null = null_curves(results.tables["curves"])
+    null_summary = {**s, "methods": {m: method_summary(null[null.method == m]) for m in s["methods"]}}
+    null_claim = finding.claim(finding.analyse(cfg, null, null_summary), cfg)
+    grid = s["findings"].get("robustness")
+    text = (f"grid β × lr ({len(grid)} settings): " + "; ".join(f"{k}: {v['verdict']}" for k, v in grid.items())
+            if grid else "")
+    return [C.with_checks(claim, {CONTROL: null_claim.verdict}, text)]
 
 
 def figures(results: Results, cfg: MarkovConfig) -> dict:
@@ -404,7 +493,17 @@ def smoke_overrides(model: str) -> dict:
                 **SMOKE_SIZES[model])
 
 
+#: the length claim's robustness grid in ``npo-sim figures``: β (None: the registry defaults, NPO 0.1 and
+#: SimNPO 2.5; 1: the SimNPO authors' β for both) × lr around the quick tabular step
+LENGTH_GRID = tuple((b, lr) for b in (None, 0.5, 1.0) for lr in (0.05, 0.1, 0.2))
+
+
 def report_configs(smoke: bool) -> dict[str, MarkovConfig]:
-    """The runs ``npo-sim figures`` makes: each preset's quick config (``smoke``: shrunk to a test)."""
-    return {name: make_config(preset, model, quick=True, **(smoke_overrides(model) if smoke else {}))
-            for name, (preset, model) in REPORT_RUNS.items()}
+    """The runs ``npo-sim figures`` makes: each preset's quick config (``smoke``: shrunk to a test, no grid),
+    the length run with its β × lr grid."""
+    out = {}
+    for name, (preset, model) in REPORT_RUNS.items():
+        # (the smoke run skips the grid: tests/test_claims_criteria.py runs it at quick size)
+        extra = dict(grid=LENGTH_GRID) if (preset, model) == ("length", "tabular") and not smoke else {}
+        out[name] = make_config(preset, model, quick=True, **extra, **(smoke_overrides(model) if smoke else {}))
+    return out

@@ -8,9 +8,13 @@ Each preset has a :class:`Finding`:
   decided there and only there, from the numbers ``analyse`` kept;
 * ``reads``: the methods the claim is about (a smoke run keeps exactly these).
 
-Balance presets (``length``, ``memorization``) are read at each method's *best* step: the record
-step where the forget KL to the oracle (Forget1 and Forget2 test prefixes pooled) is smallest. The
-``divergence`` preset fits linear and logarithmic laws to ‖θ_t − θ_0‖ and to the forget NLL.
+The ``length`` claim is judged along the whole path: NPO's and SimNPO's |KL short − long| to the oracle
+compared at matched forget progress (:func:`imbalance_path`, :func:`matched_share`), and over a declared
+β × lr grid when the config has one. The ``memorization`` claim reads the change unlearning causes at NPO's
+*best* step (the record step where the forget KL to the oracle, Forget1 and Forget2 pooled, is smallest),
+measured from the target, not the step-0 split. The ``divergence`` preset fits linear and logarithmic laws
+to ‖θ_t − θ_0‖ and to the forget NLL. Every criterion is also run on the null method's curves
+(``markov.findings``).
 """
 
 from __future__ import annotations
@@ -64,51 +68,137 @@ def _balance(summary: dict, at: str) -> dict:
     return out
 
 
+#: the length criterion compares NPO's and SimNPO's |KL short − KL long| at this many matched points
+MATCH_POINTS = 50
+#: share of the matched range on which NPO's imbalance must exceed SimNPO's (holds / partly)
+LENGTH_HOLDS, LENGTH_PARTLY = 0.8, 0.5
+
+
+def imbalance_path(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Along one method's path: (forget progress so far, |KL-to-oracle short − long|).
+
+    Progress is how far the mean forget KL to the oracle (Forget1 and Forget2 test prefixes) has come down from
+    the target's, as a running maximum (non-decreasing: a method that over-shoots keeps the progress it made);
+    the imbalance is |KL(Forget2) − KL(Forget1)| to the oracle, Forget2 being the short set in the length
+    preset. (The retain KL is no progress axis here: on the tabular model it first falls as the leaked
+    forget mass leaves the retain rows.)"""
+    df = df.sort_values("step")
+    pooled = (df["kl_forget1_oracle"].to_numpy(float) + df["kl_forget2_oracle"].to_numpy(float)) / 2
+    x = np.maximum.accumulate(pooled[0] - pooled)
+    y = np.abs(df["kl_forget2_oracle"].to_numpy(float) - df["kl_forget1_oracle"].to_numpy(float))
+    return x, y
+
+
+def matched_share(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Share of the common progress range on which path ``a``'s imbalance is larger than ``b``'s, each read
+    where it first reached that progress (:func:`imbalance_path`). When one path never gets closer to the
+    oracle (no common range: e.g. NPO's forget KL rises from step 0), the paths are compared record by
+    record over the whole run instead (``matched`` = "record"; the methods must share their record steps),
+    step 0 excluded. A path that never moves (the null method) ties with the other at step 0 and fails."""
+    lo, hi = max(a[0][0], b[0][0]), min(a[0][-1], b[0][-1])
+    if hi <= lo:
+        n = min(len(a[1]), len(b[1]))
+        ya, yb = a[1][1:n], b[1][1:n]
+        if not len(ya):
+            ya, yb = a[1][:1], b[1][:1]
+        return {"share": float(np.mean(ya > yb)), "progress_range": [float(lo), float(hi)],
+                "mean_gap": float(np.mean(ya - yb)), "matched": "record"}
+    grid = np.linspace(lo, hi, MATCH_POINTS)
+
+    def at(path):   # the value where each progress level was first reached (the running maximum has plateaus)
+        x, y = path
+        keep = np.append(True, x[1:] > x[:-1])
+        return np.interp(grid, x[keep], y[keep])
+
+    ya, yb = at(a), at(b)
+    return {"share": float(np.mean(ya > yb)), "progress_range": [float(lo), float(hi)],
+            "mean_gap": float(np.mean(ya - yb)), "matched": "progress"}
+
+
 def _analyse_length(cfg, curves: pd.DataFrame, summary: dict) -> dict:
     res = {"at_best": _balance(summary, "best"), "final": _balance(summary, "final"),
            "note": f"forget1 long (L={cfg.length}), forget2 short (L={cfg.forget2_length}); 'best' = step "
                    "minimising the mean forget KL to the oracle; ll_gap = per-token test log-lik minus the oracle's "
-                   "(<0 over-unlearned)"}
+                   "(<0 over-unlearned); 'path' compares |KL short − KL long| at matched forget progress"}
+    npo, simnpo = BALANCE_METHODS
+    if {npo, simnpo} <= set(curves.method):
+        res["path"] = matched_share(imbalance_path(curves[curves.method == npo]),
+                                    imbalance_path(curves[curves.method == simnpo]))
     parts = []
+    if "path" in res:
+        pth = res["path"]
+        where = (f"of the matched forget-progress range [{pth['progress_range'][0]:.3g}, "
+                 f"{pth['progress_range'][1]:.3g}] nats" if pth["matched"] == "progress" else
+                 "of the record steps (no common forget progress: compared step by step)")
+        parts.append(f"NPO's |KL short − long| above SimNPO's on {pth['share']:.0%} {where} (mean gap "
+                     f"{pth['mean_gap']:+.3g})")
     for m in [m for m in BALANCE_METHODS if m in res["at_best"]]:
         b = res["at_best"][m]
         parts.append(f"{m}: at its best step {b['step']} KL-to-oracle short={b['forget2']['kl_oracle']:.4f} vs "
-                     f"long={b['forget1']['kl_oracle']:.4f} "
-                     f"(short {b['forget2']['state']}, long {b['forget1']['state']})")
+                     f"long={b['forget1']['kl_oracle']:.4f}")
     res["verdict"] = "; ".join(parts)
     return res
 
 
-def _length_imbalance(best_row: dict) -> float:
-    """|KL to the oracle on short (Forget2) − long (Forget1)| test prefixes."""
-    return abs(best_row["forget2"]["kl_oracle"] - best_row["forget1"]["kl_oracle"])
+def length_verdict(f: dict) -> str:
+    """The length criterion on one findings block (the path comparison)."""
+    path = f.get("path")
+    if path is None:
+        return C.NA
+    return C.HOLDS if path["share"] >= LENGTH_HOLDS else C.PARTLY if path["share"] >= LENGTH_PARTLY else C.FAILS
 
 
 def _length_claim(f: dict, cfg) -> C.Claim:
-    best = f.get("at_best", {})
-    npo, simnpo = BALANCE_METHODS
-    ok = _length_imbalance(best[npo]) > _length_imbalance(best[simnpo]) if {npo, simnpo} <= set(best) else None
+    grid = f.get("robustness")
+    verdict = length_verdict(f)
+    measured = f["verdict"] or "n/a"
+    if grid:
+        verdict = C.robust({k: v["verdict"] for k, v in grid.items()}, verdict)
+        measured += "; over the β × lr grid: " + ", ".join(f"{k} {v['share']:.0%}" for k, v in grid.items())
     return C.Claim("Markov length effect (SimNPO §5): NPO unlearns short and long forget data unevenly; "
-                   "SimNPO's length normalisation evens it out", f["verdict"] or "n/a", C.verdict(ok), figure_name(cfg),
-                   criterion="holds when, at each method's best step, NPO's |KL-to-oracle short − long| is larger "
-                             "than SimNPO's")
+                   "SimNPO's length normalisation evens it out", measured, verdict, figure_name(cfg),
+                   criterion=f"along the path, at matched forget progress (the fall of the mean forget KL to the "
+                             f"oracle so far; step by step when one method makes none): holds when NPO's "
+                             f"|KL-to-oracle short − long| is above SimNPO's on ≥ {LENGTH_HOLDS:.0%} of the range "
+                             f"both reach, partly on ≥ {LENGTH_PARTLY:.0%}; with a β × lr grid, 'holds' needs every "
+                             "grid setting to hold")
 
 
-def _over_f2_under_f1(best_row: dict) -> bool:
-    """Forget2 (left out of pretraining) ends below the oracle's test log-lik and Forget1 above it."""
-    return best_row["forget2"]["ll_gap_vs_oracle"] < 0 and best_row["forget1"]["ll_gap_vs_oracle"] > 0
+#: how far (nats/token) unlearning must push Forget2's test log-lik below the target's to count as over-unlearning
+#: it (the target already matches the oracle on Forget2, which it never saw)
+OVER_UNLEARN = 0.05
+
+
+def _change(summary: dict, m: str, at: str = "best") -> dict:
+    """Per forget set, at the method's ``at`` row: its test log-lik change from the target (step 0) and its
+    gap to the oracle."""
+    row, tgt, orc = summary["methods"][m][at], summary["reference"]["target"], summary["reference"]["oracle"]
+    return {f: {"change": row[f"ll_{f}_test"] - tgt[f"ll_{f}_test"],
+                "gap_vs_oracle": row[f"ll_{f}_test"] - orc[f"ll_{f}_test"],
+                "target_gap": tgt[f"ll_{f}_test"] - orc[f"ll_{f}_test"]} for f in FORGET_SETS} | {
+        "step": int(row["step"])}
+
+
+def _over_f2_under_f1(c: dict) -> bool:
+    """Unlearning pushed Forget2 (never learned) more than OVER_UNLEARN below the target, while Forget1
+    (memorized) is still above the oracle."""
+    return c["forget2"]["change"] < -OVER_UNLEARN and c["forget1"]["gap_vs_oracle"] > 0
 
 
 def _analyse_memorization(cfg, curves: pd.DataFrame, summary: dict) -> dict:
     res = {"at_best": _balance(summary, "best"), "final": _balance(summary, "final"),
-           "note": "forget2 left out of pretraining; over-unlearned = test log-lik below the oracle's"}
+           "note": "forget2 left out of pretraining; change = per-token test log-lik at the best step minus the "
+                   "target's (step 0); gap = minus the oracle's"}
     parts = []
-    for m in [m for m in BALANCE_METHODS if m in res["at_best"]]:
-        b = res["at_best"][m]
-        yes = _over_f2_under_f1(b)
+    for m in [m for m in BALANCE_METHODS if m in summary["methods"]]:
+        c = _change(summary, m)
+        res.setdefault("change", {})[m] = c
+        yes = _over_f2_under_f1(c)
         res[f"{m}_over_f2_under_f1"] = bool(yes)
-        parts.append(f"{m}: forget2 gap {b['forget2']['ll_gap_vs_oracle']:+.4f}, forget1 gap "
-                     f"{b['forget1']['ll_gap_vs_oracle']:+.4f} nats/token -> {'yes' if yes else 'no'}")
+        parts.append(f"{m} at its best step {c['step']}: forget2 change {c['forget2']['change']:+.4f} (gap "
+                     f"{c['forget2']['target_gap']:+.4f}→{c['forget2']['gap_vs_oracle']:+.4f}), forget1 gap "
+                     f"{c['forget1']['target_gap']:+.4f}→{c['forget1']['gap_vs_oracle']:+.4f} nats/token -> "
+                     f"{'yes' if yes else 'no'}")
     res["verdict"] = "; ".join(parts)
     return res
 
@@ -117,8 +207,9 @@ def _memorization_claim(f: dict, cfg) -> C.Claim:
     npo = BALANCE_METHODS[0]
     return C.Claim("Markov memorization: NPO over-unlearns the unmemorized Forget2 and under-unlearns Forget1",
                    f["verdict"] or "n/a", C.verdict(f.get(f"{npo}_over_f2_under_f1")), figure_name(cfg),
-                   criterion="holds when, at NPO's best step, its per-token test log-lik is below the oracle's on "
-                             "Forget2 and above it on Forget1")
+                   criterion=f"holds when, at NPO's best step, unlearning has lowered its per-token Forget2 test "
+                             f"log-lik by > {OVER_UNLEARN:g} nats/token from the target's (the change unlearning "
+                             "causes, not the step-0 split) and its Forget1 test log-lik is still above the oracle's")
 
 
 # ==================================================================================================

@@ -34,8 +34,13 @@ class TransformerConfig:
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 128
     weight_decay: float = 0.01
+    #: "pre": LayerNorm before each sub-layer (GPT-2); "post": after each residual sum (the original
+    #: transformer, and the SimNPO authors' synthetic model)
+    norm: str = "pre"
 
     def __post_init__(self) -> None:
+        if self.norm not in ("pre", "post"):
+            raise UserError(f"transformer: norm must be 'pre' or 'post', got {self.norm!r}")
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
             raise UserError(f"transformer: need d_model divisible by n_heads >= 1 and n_layers >= 1, "
                             f"got d_model {self.d_model}, n_heads {self.n_heads}, n_layers {self.n_layers}")
@@ -46,31 +51,38 @@ class TransformerConfig:
 
 
 class _Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, norm: str = "pre") -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.post = heads, norm == "post"
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def forward(self, h: Tensor) -> Tensor:
-        B, L, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)
-        q, k, v = (x.view(B, L, self.heads, d // self.heads).transpose(1, 2) for x in (q, k, v))
+    def _attend(self, x: Tensor) -> Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(B, L, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(a.transpose(1, 2).reshape(B, L, d))
+        return self.proj(a.transpose(1, 2).reshape(B, L, d))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.post:
+            h = self.ln1(h + self._attend(h))
+            return self.ln2(h + self.mlp(h))
+        h = h + self._attend(self.ln1(h))
         return h + self.mlp(self.ln2(h))
 
 
 class TinyTransformer(nn.Module):
-    """Pre-LayerNorm decoder: token + learned position embeddings, ``n_layers`` blocks, a state head."""
+    """Decoder: token + learned position embeddings, ``n_layers`` pre- (or post-) LayerNorm blocks, a final
+    LayerNorm and a state head."""
 
     def __init__(self, n_states: int, max_len: int, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_states = n_states
         self.tok = nn.Embedding(n_states + 1, cfg.d_model)  # id n_states is BOS
         self.pos = nn.Embedding(max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(_Block(cfg.d_model, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(_Block(cfg.d_model, cfg.n_heads, cfg.norm) for _ in range(cfg.n_layers))
         self.ln = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, n_states)
 

@@ -127,6 +127,9 @@ class SyntheticConfig:
     gd_steps: int = 20000
     gd_lr: float = 0.05
     dtype: str = "float32"             # of the unlearning loop; pretraining and metrics are float64
+    #: NPO at these β, at GA's step size, next to GA (the paper's Fig. 3: the NPO trajectory approaches GA's
+    #: as β → 0); empty: not run. Its curves are the ``beta_sweep`` table.
+    beta_sweep: tuple[float, ...] = ()
     dpo_scale: str = field(default=DPO_SCALE, init=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +156,8 @@ class SyntheticConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.threshold > 0 and self.gd_lr > 0):
             raise UserError("threshold and gd_lr must be > 0")
+        if not all(b > 0 for b in self.beta_sweep) or len(set(self.beta_sweep)) != len(self.beta_sweep):
+            raise UserError(f"beta_sweep must hold distinct values > 0, got {self.beta_sweep}")
         if self.dtype not in ("float32", "float64"):
             raise UserError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
@@ -163,6 +168,13 @@ class SyntheticConfig:
     @property
     def specs(self) -> dict[str, MethodSpec]:
         return {m: HYPERPARAMETERS[self.alpha][m] for m in self.methods}
+
+    @property
+    def sweep_specs(self) -> dict[str, MethodSpec]:
+        """GA and NPO at each ``beta_sweep`` β, all at GA's Table-1 step size."""
+        lr = HYPERPARAMETERS[self.alpha]["ga"].lr
+        return {"ga": HYPERPARAMETERS[self.alpha]["ga"], **{
+            f"npo@{b:g}": MethodSpec("npo", lr, b, source="β sweep: NPO at GA's lr") for b in self.beta_sweep}}
 
     @property
     def record_at(self) -> list[int]:
@@ -297,7 +309,12 @@ def simulate(config: SyntheticConfig, progress: bool = False) -> Results:
               f"{time.perf_counter() - t1:.1f} s", file=sys.stderr)
     summary = {"config": _config_summary(config), "pretraining": pretraining,
                "methods": analysis.summarize(curves, config), "findings": analysis.measure(curves, config)}
-    return Results(tables={"curves": curves}, summary=summary)
+    tables = {"curves": curves}
+    if config.beta_sweep:
+        tables["beta_sweep"] = run_methods(adapter, torch.as_tensor(theta[..., 0], dtype=dtype), config.sweep_specs,
+                                           steps=config.steps, record_at=config.record_at, seeds=config.seed_list)
+        summary["beta_sweep"] = analysis.beta_sweep(tables["beta_sweep"], config)
+    return Results(tables=tables, summary=summary)
 
 
 STUDY = Study(name="synthetic", simulate=simulate, findings=analysis.claims, figures=plots.figures)
@@ -305,5 +322,11 @@ STUDY = Study(name="synthetic", simulate=simulate, findings=analysis.claims, fig
 
 def report_configs(smoke: bool) -> dict[str, SyntheticConfig]:
     """The runs ``npo-sim figures`` makes: both α at the defaults (one seed and 400 steps when ``smoke``)."""
-    return {f"synthetic_alpha{a:g}": SyntheticConfig(alpha=a, seeds=1, steps=400, compare_pretrain=False)
-            if smoke else SyntheticConfig(alpha=a) for a in ALPHAS}
+    sweep = {1.0: REPORT_BETA_SWEEP, 0.0: ()}
+    return {f"synthetic_alpha{a:g}": SyntheticConfig(alpha=a, seeds=1, steps=400, compare_pretrain=False,
+                                                     beta_sweep=sweep[a])
+            if smoke else SyntheticConfig(alpha=a, beta_sweep=sweep[a]) for a in ALPHAS}
+
+
+#: the β sequence of the α = 1 "NPO → GA as β → 0" row in ``npo-sim figures``
+REPORT_BETA_SWEEP = (1.0, 0.1, 0.01, 0.001)
