@@ -427,26 +427,40 @@ def _privleak_claim(last: pd.DataFrame, tag: str) -> Claim:
                  "when some are; not measured without a holdout or an oracle AUC (privleak of each method listed)")
 
 
+#: how far below the target's judge log-likelihood per token NPO's may sit and still count as fluent
+FLUENT_TOLERANCE = 1.0
+
+
 def _fluency_claim(last: pd.DataFrame, tag: str) -> Claim:
-    """GA's greedy answers score lower under the judge than NPO's, with CIs apart."""
+    """GA's greedy answers score lower under the judge than NPO's (CIs apart), and NPO's stay near the
+    target's own fluency (its CI reaches within :data:`FLUENT_TOLERANCE` nats/token of the target's)."""
     key = "fluency_judge_logp"
-    parts, oks = [], []
+    parts, worse, fluent = [], [], []
     for split, g in last.groupby("split", sort=False) if key in last else ():
-        ga, npo = g[g.method == "ga"], g[g.method == "npo"]
+        ga, npo, tgt = g[g.method == "ga"], g[g.method == "npo"], g[g.method == "target"]
         if not len(ga) or not len(npo):
             continue
         a, b = ga.iloc[0], npo.iloc[0]
         if not _finite(a[key], a[f"{key}_hi"], b[key], b[f"{key}_lo"]):
-            oks.append(None)
+            worse.append(None)
             continue
-        oks.append(bool(a[f"{key}_hi"] < b[f"{key}_lo"]))
+        worse.append(bool(a[f"{key}_hi"] < b[f"{key}_lo"]))
+        t = tgt.iloc[0] if len(tgt) else None
+        if t is not None and _finite(t[key], t[f"{key}_lo"]):
+            fluent.append(bool(b[f"{key}_hi"] >= t[f"{key}_lo"] - FLUENT_TOLERANCE))
         parts.append(f"{split}: judge log-lik/token GA {a[key]:.2f} [{a[f'{key}_lo']:.2f}, {a[f'{key}_hi']:.2f}] vs "
-                     f"NPO {b[key]:.2f} [{b[f'{key}_lo']:.2f}, {b[f'{key}_hi']:.2f}]; repetition GA "
-                     f"{a['fluency_repetition']:.2f} vs NPO {b['fluency_repetition']:.2f}")
+                     f"NPO {b[key]:.2f} [{b[f'{key}_lo']:.2f}, {b[f'{key}_hi']:.2f}]"
+                     + (f" vs target {t[key]:.2f}" if t is not None else "")
+                     + f"; repetition GA {a['fluency_repetition']:.2f} vs NPO {b['fluency_repetition']:.2f}")
+    ga_worse = all_any(worse)
+    if ga_worse == HOLDS and fluent and not all(fluent):
+        ga_worse = PARTLY   # GA is worse, but NPO's answers are not fluent either
     return Claim(f"{tag}: NPO's answers stay fluent while GA's turn to gibberish", "; ".join(parts) or "n/a",
-                 all_any(oks), "tofu_mini/last_epoch.md",
+                 ga_worse, "tofu_mini/last_epoch.md",
                  "holds when on every split GA's last-epoch judge log-likelihood per token (under the oracle) has its "
-                 "95% CI entirely below NPO's; partly when on some; identical models (CIs overlapping) fail")
+                 "95% CI entirely below NPO's and NPO's CI reaches within "
+                 f"{FLUENT_TOLERANCE:g} nat/token of the target's; partly when GA is worse but NPO is not fluent, or "
+                 "on some splits only; identical models (CIs overlapping) fail")
 
 
 def claims(fig_dir: Path) -> list[Claim]:

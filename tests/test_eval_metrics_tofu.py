@@ -238,6 +238,15 @@ def test_claims_can_fail():
     assert _fluency_claim(untouched, "t").verdict == FAILS
     assert _privleak_claim(untouched, "t").verdict == FAILS
     assert _fluency_claim(_last([]), "t").verdict == NA
+    # GA worse than NPO, but NPO far below the target's own fluency (more than 1 nat/token): partly
+    j = lambda v: {"fluency_judge_logp": v, "fluency_judge_logp_lo": v - 0.3, "fluency_judge_logp_hi": v + 0.3,  # noqa: E731
+                   "fluency_repetition": 0.5}
+    both_bad = _last([{"split": "s", "method": "target", **j(-3.0)}, {"split": "s", "method": "ga", **j(-12.0)},
+                      {"split": "s", "method": "npo", **j(-9.0)}])
+    assert _fluency_claim(both_bad, "t").verdict == PARTLY
+    near = _last([{"split": "s", "method": "target", **j(-3.0)}, {"split": "s", "method": "ga", **j(-12.0)},
+                  {"split": "s", "method": "npo", **j(-3.5)}])
+    assert _fluency_claim(near, "t").verdict == HOLDS
 
 
 def test_last_epoch_table_and_across_seeds():
