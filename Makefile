@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# TOFU data: ../shared/tofu/data unless NPO_TOFU_DIR is set. ~20 min on a 2-core CPU (the committed run).
+# TOFU data: ../shared/tofu/data unless NPO_TOFU_DIR is set. ~16 min on a 2-core CPU (the committed run: 969 s).
 NPO_TOFU_DIR ?= $(abspath ../shared/tofu/data)
 export NPO_TOFU_DIR
 
