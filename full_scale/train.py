@@ -155,7 +155,7 @@ def run(job: TrainJob, launch: Launch) -> int:
     info = {"command": command, "world_size": world, "per_device_batch": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "effective_batch": per_step, "examples": task.n,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-            "prompt_format": fmt, "distributed_type": str(acc.distributed_type),
+            "prompt_format": fmt, "dialect": cfg.dialect, "distributed_type": str(acc.distributed_type),
             "n_parameters": sum(p.numel() for p in params0), **task.info()}
     if acc.is_main_process:
         print(f"[{command}] effective batch = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x "

@@ -205,3 +205,4 @@ def test_eval_in_tofu_dialect_and_unlearn_in_open_unlearning_dialect_run(tiny_ck
                 "0", "--dialect", "open-unlearning", *common]) == 0
     cfg = json.loads((tmp_path / "ul" / "config.json").read_text())
     assert (cfg["dialect"], cfg["ga_reduction"], cfg["max_length"]) == ("open-unlearning", "pooled", 512)
+    assert json.loads((tmp_path / "ul" / "run.json").read_text())["dialect"] == "open-unlearning"
