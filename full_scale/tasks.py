@@ -268,6 +268,7 @@ class UnlearnTask:
                                                                                      len(rows["idk"]), seed))]
         self.idk = self._encode_idk(run.seed)
         self._idk_epoch: tuple[int, list] | None = None
+        self._control: torch.Tensor | None = None   # RMU's control vector
         self.n = len(self.forget)
         self.reduction = "sum" if self.obj.sequence_reduction == "sum" else run.ga_reduction
         # a per-step IDK answer (open-unlearning) has no fixed reference to cache
@@ -384,8 +385,10 @@ class UnlearnTask:
         if "forget_ref_logits" in needs:
             x["forget_ref_logits"] = reference.logits(fb).float()
         if "hidden" in needs:
+            if self._control is None:   # fixed for the run: drawn once from the seed
+                self._control = rmu_control(hidden.shape[-1], float(self.obj.gamma), self.job.run.seed)
             x.update(hidden=hidden.float(), hidden_mask=fb["labels"] != D.IGNORE_INDEX,
-                     rmu_control=rmu_control(hidden.shape[-1], float(self.obj.gamma), self.job.run.seed).to(hidden))
+                     rmu_control=self._control.to(hidden))
         return x
 
     def _stats(self, terms, lp, n, rlp, rn, x) -> dict[str, torch.Tensor]:

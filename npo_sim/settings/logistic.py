@@ -198,15 +198,11 @@ class Run:
         return _objective(self.method, self.beta if beta is None else beta, self.hyper)
 
 
-def _flow_oracles() -> dict:
-    from .logistic_analysis import FLOW_ORACLES  # imported when needed: pandas and scipy are heavy
-
-    return FLOW_ORACLES
-
-
 def expand_grid(cfg: TheoryConfig) -> list[Run]:
     """Every config: the main grid, the β sweep at the base point, and one single-sample flow check per
-    method whose forget term has an exact flow (:data:`~.logistic_analysis.FLOW_ORACLES`)."""
+    method whose forget term has an exact flow (:func:`~.logistic_analysis.has_exact_flow`)."""
+    from .logistic_analysis import has_exact_flow  # imported when needed: pandas and scipy are heavy
+
     runs: list[Run] = []
     seen = set()
 
@@ -218,7 +214,7 @@ def expand_grid(cfg: TheoryConfig) -> list[Run]:
             runs.append(Run(len(runs), method, beta, eta, n_f, d, seed, role, hyper))
 
     def flow_check(method):
-        if _has_flow(method):
+        if has_exact_flow(method):
             add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.flow_eta, 1, cfg.base_d, 0, "flow")
 
     for method in cfg.methods:
@@ -237,12 +233,6 @@ def expand_grid(cfg: TheoryConfig) -> list[Run]:
         add(method, cfg.base_beta if _uses_beta(method) else math.nan, cfg.base_eta, cfg.base_n_f, cfg.base_d, 0)
         flow_check(method)
     return runs
-
-
-def _has_flow(method: str) -> bool:
-    """Whether the method's forget term has an exact single-sample flow: a closed form, or a registry weight."""
-    forget = losses.OBJECTIVES[method].forget
-    return forget in _flow_oracles() or losses.FORGET_TERMS[forget].weight is not None
 
 
 def _objective(method: str, beta, hyper: tuple[tuple[str, float], ...] = ()) -> losses.Objective:

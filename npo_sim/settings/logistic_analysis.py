@@ -235,15 +235,17 @@ def _laws(fits: pd.DataFrame, traj: pd.DataFrame, cfg: TheoryConfig) -> tuple[di
 def _flow_window_slope(method: str, row: pd.Series, t: np.ndarray, cfg: TheoryConfig) -> float | None:
     """The log-slope the exact single-sample flow (mean m0 and ‖x‖², step η0) has on the same last decade:
     what a finite horizon leaves of the asymptotic 1/a. None when the term has no exact flow."""
-    if not _has_weight_flow(method):
+    if not has_exact_flow(method):
         return None
-    m0 = float(row.m0_mean) if "m0_mean" in row else 1.0
+    m0 = float(row.m0_mean)
     tt = t[(t >= t[-1] / 10) & (t >= row.fit_from)]
     m = _flow_oracle(method, row.beta, cfg)(tt, m0, float(row.c_mean), float(row.eta0))
     return float(log_fit(tt, m0 - m).slope)
 
 
-def _has_weight_flow(method: str) -> bool:
+def has_exact_flow(method: str) -> bool:
+    """Whether the method's forget term has an exact single-sample flow: a closed form
+    (:data:`FLOW_ORACLES`), or its registry weight's (:func:`_flow_oracle`)."""
     forget = OBJECTIVES[method].forget
     return forget in FLOW_ORACLES or FORGET_TERMS[forget].weight is not None
 
