@@ -20,8 +20,11 @@ venv: $(STAMP)
 figures: $(STAMP)
 	$(BIN)/npo-sim figures --out figures
 
+# 2 pytest-xdist workers, one torch thread each (tests/conftest.py); whole files per worker, so module
+# fixtures are built once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -117,7 +117,7 @@ def run(adapter: Adapter, objective: Objective, params0: Sequence[Tensor], *, st
             if "logp_ref" in inputs:
                 vals["npo_weight"] = npo_weight(inputs["logp"].detach(), inputs["logp_ref"],
                                                 objective.beta).mean(-1)
-        shape = torch.broadcast_shapes(*(v.shape for v in vals.values()))
+        shape = np.broadcast_shapes(*(tuple(v.shape) for v in vals.values()))  # torch's imports torch.fx
         n = int(np.prod(shape)) if len(shape) else 1
         rows.setdefault("step", []).extend([step] * n)
         rows.setdefault("replica", []).extend(range(n))

@@ -33,10 +33,16 @@ def tofu_reference_logs(tofu_data_dir) -> Path:
     return d
 
 
+def _test_threads() -> int:
+    """Torch threads per test process: the cores shared among pytest-xdist workers (make test runs 2 workers
+    on 2 cores: 1 thread each), since oversubscribing the cores slows everything 4-8x."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, os.cpu_count() or 1) // workers)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    # 2-core machines: oversubscription slows everything 4-8x
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(_test_threads())
     yield
 
 

@@ -20,6 +20,14 @@ def test_auc_equals_pair_counting_with_ties():
     assert M.auc([1, 2], [0, 0]) == 1.0 and M.auc([0], [0]) == 0.5
 
 
+def test_average_ranks_equal_scipy_rankdata():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        x = rng.integers(0, 6, rng.integers(1, 40)) * rng.choice([1.0, 0.25, -3.0])   # ties, negatives
+        assert np.array_equal(M.average_ranks(x), stats.rankdata(x))
+    assert M.average_ranks([2.0, 2.0, 1.0]).tolist() == [2.5, 2.5, 1.0]
+
+
 def test_loss_and_min_k_by_hand():
     lp = torch.tensor([[-1.0, -5.0, -3.0, -2.0, -4.0], [-1.0, -5.0, -3.0, -2.0, -4.0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])

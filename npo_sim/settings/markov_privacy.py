@@ -91,17 +91,19 @@ def privacy_table(model, model_name: str, chains: dict[str, Chain], members: dic
     """
     rows = []
 
-    def add(method: str, step: int, params, oracle_auc: dict) -> None:
-        for s in FORGET_SETS:
-            got = score(model, params, members[s], nonmembers[s], chains[s])
-            rows.append({"model": model_name, "method": method, "step": int(step), "forget_set": s, **got,
-                         "privleak": metrics.privleak(got["mia_auc_loss"], oracle_auc[s])})
+    def scores(params) -> dict[str, dict]:
+        return {s: score(model, params, members[s], nonmembers[s], chains[s]) for s in FORGET_SETS}
 
-    oracle_auc = {s: score(model, oracle, members[s], nonmembers[s], chains[s])["mia_auc_loss"] for s in FORGET_SETS}
-    add("oracle", 0, oracle, oracle_auc)
+    def add(method: str, step: int, got: dict[str, dict]) -> None:
+        for s in FORGET_SETS:
+            rows.append({"model": model_name, "method": method, "step": int(step), "forget_set": s, **got[s],
+                         "privleak": metrics.privleak(got[s]["mia_auc_loss"], at_oracle[s]["mia_auc_loss"])})
+
+    at_oracle, at_target = scores(oracle), scores(target)   # the shared step-0 rows, scored once
+    add("oracle", 0, at_oracle)
     for method, params in final.items():
-        add(method, 0, target, oracle_auc)
-        add(method, last_step[method], params, oracle_auc)
+        add(method, 0, at_target)
+        add(method, last_step[method], scores(params))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
