@@ -4,7 +4,17 @@
 (optimizer, scheduler and RNG state, loaded with ``weights_only=True``) and ``state.json`` (step,
 epoch and whatever the task keeps across epochs). A checkpoint is written to ``.epoch-K.tmp`` and
 renamed into place, so a run killed at any moment leaves only complete checkpoints; ``--resume``
-continues from the last one and gives the same result as an uninterrupted run.
+continues from the last one and gives the same result as an uninterrupted run. In a LoRA run the
+model part is the adapter directory (``adapter_config.json``, ``adapter_model.safetensors``): the base
+is reloaded from ``--model`` and the adapters from the checkpoint.
+
+**Sharded runs** (FSDP, DeepSpeed): the checkpoint also holds ``accelerate/``, written by every rank with
+``Accelerator.save_state`` (the policy's sharded weights and every rank's optimizer shard, per-rank RNG);
+``trainer_state.pt`` then holds the scheduler and RNG only. :func:`restore` reads the schedule and
+state before ``prepare``; :func:`restore_sharded` loads ``accelerate/`` with ``load_state`` after it. A
+checkpoint resumes only under the kind of launch that wrote it (sharded or not). In every case
+``trainer_state.pt`` is written last and marks a complete checkpoint (and the directory is renamed
+into place only after that).
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import torch
 
 from npo_sim.runio import UserError, jsonable, write_json
 
-from .models import save_checkpoint
+from .models import ADAPTER_CONFIG, is_peft_model, save_checkpoint
+
+#: the subdirectory of a sharded run's checkpoint that ``Accelerator.save_state`` writes (every rank)
+ACCELERATE_DIR = "accelerate"
 
 
 @dataclass(frozen=True)
@@ -71,29 +84,30 @@ def check_run_dir(out: Path, config: dict, resume: bool) -> None:
         raise UserError(f"--resume: config differs from the saved run in {', '.join(diff)}")
 
 
-def restore(out: Path, model, opt, sched, device) -> Restored | None:
-    """Load the last checkpoint into ``model``, ``opt``, ``sched`` and the torch RNG (``None`` if none)."""
+def restore(out: Path, model, opt, sched, device, sharded: bool = False) -> Restored | None:
+    """Load the last checkpoint into ``model``, ``opt``, ``sched`` and the torch RNG (``None`` if none).
+
+    ``sharded`` (FSDP/DeepSpeed, called before ``prepare``): only ``sched``, the RNG and the state; the
+    weights and optimizer follow in :func:`restore_sharded`, after ``prepare``."""
     found = checkpoints(out)
     if not found:
         return None
     epoch, path = found[-1]
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    sd = {}
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            sd.update(load_file(str(f), device=str(device)))
-        except (SafetensorError, OSError) as exc:
-            raise UserError(f"--resume: {f}: truncated or corrupt safetensors file ({exc})") from None
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise UserError(f"--resume: checkpoint {path} does not match the model "
-                        f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    lora, saved_lora = is_peft_model(model), (path / ADAPTER_CONFIG).is_file()
+    if lora != saved_lora:
+        raise UserError(f"--resume: checkpoint {path} holds {'LoRA adapters' if saved_lora else 'a full model'}, "
+                        f"this run trains {'LoRA adapters' if lora else 'every weight'}")
+    saved_sharded = (path / ACCELERATE_DIR).is_dir()
+    if sharded != saved_sharded:
+        kind = "sharded (FSDP/DeepSpeed)" if saved_sharded else "non-sharded"
+        raise UserError(f"--resume: checkpoint {path} was written by a {kind} run; resume it under the same kind "
+                        f"of launch (this one is {'sharded' if sharded else 'not sharded'})")
+    if not sharded:
+        _load_weights(path, model, device)
     st = _trainer_state(path / "trainer_state.pt")
     try:
-        opt.load_state_dict(st["optimizer"])
+        if not sharded:
+            opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"]["torch"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -109,6 +123,47 @@ def restore(out: Path, model, opt, sched, device) -> Restored | None:
         df = pd.read_csv(out / "train_log.csv")
         log_rows = df[df["step"] <= state["step"]].to_dict("records")
     return Restored(epoch, path, state, log_rows)
+
+
+def restore_sharded(acc, opt, restored: Restored) -> None:
+    """A sharded run's weights, every rank's optimizer shard and per-rank RNG from ``accelerate/`` (after
+    ``prepare``; every rank calls it)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP and getattr(acc.state.fsdp_plugin, "fsdp_version", 2) == 1:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(opt.optimizer)  # FSDP1: a fresh optimizer has no state for load_state to fill
+    try:
+        acc.load_state(str(restored.path / ACCELERATE_DIR))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--resume: {restored.path / ACCELERATE_DIR} does not match this run ({msg})") from None
+
+
+def _load_weights(path: Path, model, device) -> None:
+    """The checkpoint's (full) weights, or LoRA adapters, into the unprepared ``model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            sd.update(load_file(str(f), device=str(device)))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"--resume: {f}: truncated or corrupt safetensors file ({exc})") from None
+    lora = is_peft_model(model)
+    if lora:  # the adapters only; the base is the one --model loaded
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, sd)
+        missing, unexpected, tied = [k for k in result.missing_keys if "lora_" in k], result.unexpected_keys, set()
+    else:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise UserError(f"--resume: checkpoint {path} does not match the model "
+                        f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def _trainer_state(file: Path) -> dict:
@@ -177,10 +232,16 @@ def save(acc, model, tokenizer, opt, sched, out: Path, epoch: int, state: dict, 
     path = out / "checkpoints" / f"epoch-{epoch}"
     tmp = out / "checkpoints" / f".epoch-{epoch}.tmp"
     _write_model(acc, model, tokenizer, tmp, meta)
+    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if sharded:  # every rank writes its shards
+        acc.save_state(str(tmp / ACCELERATE_DIR))
+        acc.wait_for_everyone()
     if acc.is_main_process:
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
-                   tmp / "trainer_state.pt")
         write_json(tmp / "state.json", state)
+        trainer = {"scheduler": sched.state_dict(), "rng": _rng_state()}
+        if not sharded:
+            trainer["optimizer"] = opt.state_dict()
+        torch.save(trainer, tmp / "trainer_state.pt")  # the completeness marker: written last
         _replace_dir(tmp, path)
         for _, old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)

@@ -64,6 +64,24 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collapse-questions", type=int, default=4,
                    help="retain questions answered greedily after every epoch to detect degenerate output")
     p.add_argument("--stop-on-collapse", action="store_true")
+    _lora_arguments(p)
+
+
+def _lora_arguments(p: argparse.ArgumentParser) -> None:
+    """LoRA (peft) and activation checkpointing: shared by finetune, unlearn and study."""
+    g = p.add_argument_group("LoRA and memory")
+    g.add_argument("--lora-r", type=int, default=None,
+                   help="train LoRA adapters of this rank (peft) instead of every weight; the reference is the "
+                        "model with its adapters disabled (no copy of the weights)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (update scaled by alpha/r); default 2*r")
+    g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", default=None,
+                   help=f"comma list of module names that get adapters (default {','.join(C.LORA_TARGETS)}, the "
+                        "attention projections of Llama-family models), or all-linear")
+    g.add_argument("--merge-lora", action="store_true",
+                   help="write the final model/ merged (a plain HF model) instead of the adapter directory")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (non-reentrant): less memory, same losses")
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,7 +123,8 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
 
 _RUN_FLAGS = ("model", "out", "data_dir", "epochs", "lr", "batch_size", "grad_accum", "warmup_epochs",
               "weight_decay", "seed", "max_length", "ga_reduction", "save_every", "keep_checkpoints", "collapse_k",
-              "collapse_questions", "stop_on_collapse", "dtype", "prompt_format")
+              "collapse_questions", "stop_on_collapse", "dtype", "prompt_format", "lora_r", "lora_alpha",
+              "lora_dropout", "merge_lora")
 
 
 def _dialect_argument(p: argparse.ArgumentParser) -> None:
@@ -124,13 +143,17 @@ def _run_config(command: str, args) -> C.RunConfig:
     flags = {k: getattr(args, k) for k in _RUN_FLAGS}
     flags["max_length"] = d.max_length if flags["max_length"] is None else flags["max_length"]
     flags["ga_reduction"] = d.nll_reduction if flags["ga_reduction"] is None else flags["ga_reduction"]
+    if args.lora_targets is not None:
+        flags["lora_targets"] = comma_list(args.lora_targets)
+        if not flags["lora_targets"]:
+            raise UserError("--lora-targets is empty: give module names (e.g. q_proj,v_proj) or all-linear")
     return C.run_config(command, args.preset, dialect=d.name, **flags)
 
 
 def _launch(args) -> C.Launch:
     return C.Launch(resume=args.resume, stop_after_epoch=args.stop_after_epoch, max_steps=args.max_steps,
                     threads=args.threads, cpu=args.cpu, progress=not args.no_progress,
-                    allow_pickle_weights=args.allow_pickle_weights)
+                    allow_pickle_weights=args.allow_pickle_weights, gradient_checkpointing=args.gradient_checkpointing)
 
 
 def finetune_job(args) -> C.TrainJob:
@@ -167,7 +190,10 @@ def unlearn_main(args) -> int:
 # eval / aggregate
 # --------------------------------------------------------------------------------------------------
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory, HF id, or tiny-llama[:SIZE]")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, run directory, adapter directory (LoRA), HF id, or tiny-llama[:SIZE]")
+    p.add_argument("--base-model", default=None,
+                   help="the base of an adapter --model (default: base_model_name_or_path of its adapter_config.json)")
     p.add_argument("--forget-split", required=True,
                    help="forget01/05/10/20/30/50/90, or mini-forget10/20/50 for tofu-mini")
     p.add_argument("--out", required=True, help="output directory: eval_log_aggregated.json and summary.json")
@@ -211,7 +237,7 @@ def eval_job(args) -> C.EvalJob:
                       extra_metrics=not args.no_extra_metrics, dialect=args.dialect,
                       allow_mixed_dialects=args.allow_mixed_dialects)
     return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device,
-                     allow_pickle_weights=args.allow_pickle_weights, threads=args.threads)
+                     allow_pickle_weights=args.allow_pickle_weights, threads=args.threads, base_model=args.base_model)
 
 
 def eval_main(args) -> int:
@@ -330,6 +356,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-file", default=None,
                    help="non-member QA for the MIA AUCs/privleak of every eval (tofu-mini: its own holdout)")
     _dialect_argument(p)
+    _lora_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
 
@@ -337,7 +364,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 _STUDY_FLAGS = ("preset", "model", "epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "grad_accum",
                 "seed", "out", "figures", "data_dir", "eval_ds_size", "eval_max_new_tokens", "eval_batch_size",
                 "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs", "select", "holdout_file",
-                "dialect")
+                "dialect", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora",
+                "gradient_checkpointing")
 
 
 def study_main(args) -> int:
@@ -390,6 +418,18 @@ def compare_dialects_main(args) -> int:
 # --------------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------------
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    from .plan import add_arguments
+
+    add_arguments(p)
+
+
+def plan_main(args) -> int:
+    from .plan import main
+
+    return main(args)
+
+
 #: command -> (help, add arguments, main)
 COMMANDS = {
     "finetune": ("fine-tune a target (full) or oracle (retainYY) model on TOFU", add_finetune_arguments, finetune_main),
@@ -403,6 +443,8 @@ COMMANDS = {
                 convert_main),
     "compare-dialects": ("how far FQ and MU move between dialects: one study per dialect",
                          add_compare_dialects_arguments, compare_dialects_main),
+    "plan": ("peak memory per device, FLOPs and time of an unlearning run, before running it", add_plan_arguments,
+             plan_main),
 }
 
 

@@ -39,6 +39,9 @@ PRESETS: dict[str, dict[str, dict]] = {
              "unlearn": {"lr": 1e-3, "epochs": 10, "batch_size": 8, "grad_accum": 1}},
 }
 REF_MODES = ("cached", "model")
+#: default LoRA targets: the attention projections of Llama-family models (q, k, v, o), as in the LoRA
+#: paper's recipe; ``--lora-targets`` takes any module names of the model (or ``all-linear``)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GA_REDUCTIONS = ("mean", "pooled", "sum")
 DTYPES = ("auto", "float32", "bfloat16")
 _MODEL_REQUIRED = "model is required (an HF id, a local checkpoint or tiny-llama[:SIZE])"
@@ -84,10 +87,19 @@ class RunConfig:
     prompt_format: str | None = None
     #: the codebase whose conventions the run follows (:mod:`full_scale.dialects`)
     dialect: str = "npo-sim"
+    #: LoRA rank (peft); ``None``: every weight trains (no adapters)
+    lora_r: int | None = None
+    #: LoRA α: the update is scaled by α/r (``None`` with ``lora_r``: 2·r, resolved by :func:`run_config`)
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    #: module names that get adapters (``None`` with ``lora_r``: :data:`LORA_TARGETS`; ``("all-linear",)``: peft's)
+    lora_targets: tuple[str, ...] | None = None
+    merge_lora: bool = False     #: the final ``model/`` is the merged model (else the adapter directory)
 
     def __post_init__(self) -> None:
         if not self.model:
             raise UserError(_MODEL_REQUIRED)
+        self._check_lora()
         _choice("preset", self.preset, tuple(PRESETS))
         _at_least_1(self, ("epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "max_length"))
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -101,6 +113,34 @@ class RunConfig:
         get_dialect(self.dialect)
         if self.prompt_format is not None:
             _choice("prompt_format", self.prompt_format, tuple(PROMPT_FORMATS))
+
+    def _check_lora(self) -> None:
+        if self.lora_r is None:
+            given = [f"--{n.replace('_', '-')}" for n, v in (("lora_alpha", self.lora_alpha),
+                     ("lora_targets", self.lora_targets), ("merge_lora", self.merge_lora or None),
+                     ("lora_dropout", self.lora_dropout or None)) if v is not None]
+            if given:
+                raise UserError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --lora-r (the LoRA rank)")
+            return
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise UserError(f"lora_r must be an integer ≥ 1, got {self.lora_r}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UserError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not (0 <= self.lora_dropout < 1):
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None:
+            if not self.lora_targets or not all(isinstance(t, str) and t.strip() for t in self.lora_targets):
+                raise UserError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
+            if "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
+                raise UserError("lora_targets: all-linear stands alone")
+
+    @property
+    def lora(self) -> dict | None:
+        """The resolved LoRA settings (``r``, ``alpha``, ``dropout``, ``targets``), or ``None`` without LoRA."""
+        if self.lora_r is None:
+            return None
+        return {"r": self.lora_r, "alpha": float(self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r),
+                "dropout": float(self.lora_dropout), "targets": list(self.lora_targets or LORA_TARGETS)}
 
 
 @dataclass(frozen=True)
@@ -188,6 +228,8 @@ class Launch:
     cpu: bool = False                    #: CPU even when a GPU is present
     progress: bool = True                #: a tqdm bar on the main process
     allow_pickle_weights: bool = False   #: load a local pickle-only (pytorch_model.bin) --model
+    #: recompute activations in the backward pass (non-reentrant; same losses, less memory; in run.json)
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,9 +267,11 @@ class EvalJob:
     device: str | None = None  #: default: cuda if available, else cpu
     allow_pickle_weights: bool = False  #: load a local pickle-only (pytorch_model.bin) --model
     threads: int | None = None  #: torch threads per process (as Launch.threads; not in the results)
+    base_model: str | None = None  #: the base of an adapter ``model`` (default: its adapter_config's)
 
     def to_json(self) -> dict:
         return {"command": "eval", "model": self.model, "out": self.out, "device": self.device,
+                **({"base_model": self.base_model} if self.base_model is not None else {}),
                 **dataclasses.asdict(self.eval)}
 
 
@@ -253,6 +297,13 @@ def run_config(command: str, preset: str, **settings) -> RunConfig:
     resolved = {**PRESETS[preset][command], **{k: v for k, v in settings.items() if v is not None}}
     if "model" not in resolved:
         raise UserError(_MODEL_REQUIRED)
+    if resolved.get("lora_r") is not None:  # LoRA defaults (α = 2·r, the attention projections), saved explicitly
+        if resolved.get("lora_alpha") is None and not isinstance(resolved["lora_r"], bool) \
+                and isinstance(resolved["lora_r"], int) and resolved["lora_r"] >= 1:
+            resolved["lora_alpha"] = float(2 * resolved["lora_r"])
+        resolved.setdefault("lora_targets", LORA_TARGETS)
+    if resolved.get("lora_targets") is not None:
+        resolved["lora_targets"] = tuple(resolved["lora_targets"])
     return RunConfig(preset=preset, **resolved)
 
 

@@ -349,13 +349,15 @@ def prepare_eval(spec: EvalSpec) -> Prepared:
 
 
 def _check_judge(path: str) -> None:
-    from .models import check_local_checkpoint, resolve_checkpoint
+    from .models import check_local_checkpoint, is_adapter_dir, resolve_checkpoint
 
     p = Path(str(resolve_checkpoint(path)))
     if str(path).startswith("tiny-llama"):
         raise UserError(f"--judge-model {path}: a judge must be a trained checkpoint directory, not a fresh tiny-llama")
     if not p.is_dir():
         raise UserError(f"judge model directory not found: {path}")
+    if is_adapter_dir(p):  # a LoRA run's model/: checked when load_model loads it onto its base
+        return
     if not (p / "config.json").is_file():
         raise UserError(f"judge model {path}: no model in it (config.json missing)")
     check_local_checkpoint(p)
@@ -432,7 +434,7 @@ def evaluate_checkpoint(job: EvalJob) -> dict:
     if job.threads:  # as the training commands (full_scale.train.run): before any model work
         torch.set_num_threads(job.threads)
     model, tokenizer, fmt = load_model(job.model, device=job.device, data_dir=job.eval.data_dir,
-                                       allow_pickle=job.allow_pickle_weights)
+                                       allow_pickle=job.allow_pickle_weights, base_model=job.base_model)
     log, summary = run_eval(model, tokenizer, fmt, job.eval, prepared, model_path=job.model)
     summary["prompt_format"] = fmt
     summary["config"] = jsonable(job.to_json())

@@ -6,6 +6,12 @@
 with ``from_pretrained`` (``trust_remote_code=False``; bf16 on CUDA). :func:`save_checkpoint` writes
 model + tokenizer with ``save_pretrained`` (safetensors) and ``npo_sim.json`` (prompt format and
 provenance), so every checkpoint reloads with ``from_pretrained`` or :func:`load_model`.
+
+**LoRA** (peft): :func:`add_lora` puts adapters on a loaded model (their targets checked first, one
+line for a name the model lacks); a checkpoint of a LoRA run is an *adapter directory*
+(``adapter_config.json``, ``adapter_model.safetensors``, the tokenizer and ``npo_sim.json``).
+:func:`load_model` accepts one: it loads the base its ``adapter_config.json`` records
+(``base_model_name_or_path``, or ``base_model=``), applies the adapters and merges them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from npo_sim.runio import FILE_MODE, UserError, write_json
 from .data import PROMPT_FORMATS, load_split, resolve_data_dir
 
 META_FILE = "npo_sim.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 
 #: tiny-llama size -> LlamaConfig fields (parameter counts with the 4096-token vocabulary)
@@ -28,6 +37,8 @@ TINY_SIZES: dict[str, dict] = {
     "1m": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4),
     "5m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8),
     "20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=6),
+    # 84,165,888 parameters: bench/bench_memory.py's model (the memory rows need >= 80M on the CPU)
+    "80m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=11, num_attention_heads=12),
 }
 TINY_VOCAB = 4096
 TINY_MAX_POSITIONS = 512
@@ -105,11 +116,27 @@ def guess_format(name_or_path: str, tokenizer) -> str:
 
 
 def resolve_checkpoint(name_or_path) -> str | Path:
-    """A run directory (``npo-tofu finetune/unlearn --out DIR``) stands for its final ``DIR/model``."""
+    """A run directory (``npo-tofu finetune/unlearn --out DIR``) stands for its final ``DIR/model`` (a full
+    model or, for an unmerged LoRA run, an adapter directory)."""
     p = Path(name_or_path) / "model"
-    if (p / "config.json").is_file() and (p / META_FILE).is_file():
+    if ((p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file()) and (p / META_FILE).is_file():
         return p
     return name_or_path
+
+
+def is_adapter_dir(path) -> bool:
+    """A peft adapter directory (``adapter_config.json``), e.g. the ``model/`` of an unmerged LoRA run."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def _is_tiny(name: str) -> bool:
+    return name == "tiny-llama" or name.startswith("tiny-llama:")
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is "org/name" (one slash); anything existing, absolute, relative (./, ../, ~) or deeper is local."""
+    return (Path(name).exists() or name.startswith((os.sep, ".", "~"))
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
 
 
 def default_dtype(device) -> torch.dtype:
@@ -148,8 +175,9 @@ def check_local_checkpoint(path, allow_pickle: bool = False) -> None:
 
 
 def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, seed: int = 0,
-               allow_pickle: bool = False):
-    """``(model, tokenizer, fmt_name)`` for an HF id, a local checkpoint, or ``tiny-llama[:SIZE]``.
+               allow_pickle: bool = False, base_model: str | None = None):
+    """``(model, tokenizer, fmt_name)`` for an HF id, a local checkpoint, an adapter directory (loaded onto
+    its base, or ``base_model``, and merged), or ``tiny-llama[:SIZE]``.
 
     The tokenizer always has a pad token (EOS when the model defines none, as TOFU does).
     ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere. Weights are loaded from safetensors only
@@ -160,7 +188,12 @@ def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, see
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
         dtype = default_dtype(device)
-    if name == "tiny-llama" or name.startswith("tiny-llama:"):
+    if not _is_tiny(name) and is_adapter_dir(resolve_checkpoint(name)):
+        return load_adapter(resolve_checkpoint(name), base_model, device=device, dtype=dtype, data_dir=data_dir,
+                            seed=seed, allow_pickle=allow_pickle)
+    if base_model is not None:
+        raise UserError(f"--base-model is for an adapter directory ({ADAPTER_CONFIG}); {name} is a full model")
+    if _is_tiny(name):
         size = name.split(":", 1)[1] if ":" in name else "5m"
         resolve_data_dir(data_dir)  # clear error before any work
         model, tokenizer = tiny_llama(size, data_dir=data_dir, seed=seed)
@@ -170,9 +203,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, see
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name = str(resolve_checkpoint(name))
-        # a hub id is "org/name" (one slash); anything existing, absolute, relative (./, ../, ~) or deeper is local
-        looks_local = (Path(name).exists() or name.startswith((os.sep, ".", "~"))
-                       or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+        looks_local = _looks_local(name)
         if looks_local and not Path(name).is_dir():
             raise UserError(f"model directory not found: {name}")
         if looks_local and (Path(name) / "checkpoints").is_dir() and not (Path(name) / "model").is_dir():
@@ -200,6 +231,142 @@ def load_model(name_or_path: str, *, device=None, dtype=None, data_dir=None, see
     return model, tokenizer, fmt
 
 
+def load_adapter(path, base_model: str | None = None, *, device=None, dtype=None, data_dir=None, seed: int = 0,
+                 allow_pickle: bool = False):
+    """``(model, tokenizer, fmt)`` of an adapter directory: its base (``base_model``, else the
+    ``base_model_name_or_path`` of its ``adapter_config.json``) with the adapters applied and merged.
+    A tiny-llama base is rebuilt with the seed its ``npo_sim.json`` records (``base_seed``)."""
+    d = Path(path)
+    try:
+        acfg = json.loads((d / ADAPTER_CONFIG).read_text())
+        meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
+    except ValueError as exc:
+        raise UserError(f"{d}: adapter_config.json / npo_sim.json is not valid JSON ({exc})") from None
+    base = base_model or acfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"adapter directory {d} does not name its base model (base_model_name_or_path): "
+                        "pass --base-model")
+    base = str(base)
+    if not _is_tiny(base) and _looks_local(base) and not Path(base).exists():
+        if base_model:
+            raise UserError(f"--base-model {base} is not found")
+        raise UserError(f"adapter directory {d}: its base model {base} is not found (pass --base-model)")
+    weights = d / ADAPTER_WEIGHTS
+    if weights.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{weights}: truncated or corrupt safetensors file ({_first_line(exc)})") from None
+    elif (d / ADAPTER_PICKLE).is_file():
+        if not allow_pickle:
+            raise UserError(f"{d} holds only pickle adapter weights ({ADAPTER_PICKLE}), which are not loaded: "
+                            "convert them to safetensors, or pass --allow-pickle-weights if you trust their source")
+        sd = torch.load(d / ADAPTER_PICKLE, weights_only=True, map_location="cpu")
+    else:
+        raise UserError(f"no adapter weights in {d} ({ADAPTER_WEIGHTS})")
+    model, tokenizer, fmt = load_model(base, device=device, dtype=dtype, data_dir=data_dir,
+                                       seed=int(meta.get("base_seed", seed)), allow_pickle=allow_pickle)
+    if any((d / f).is_file() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not load the tokenizer of {d}: {_first_line(exc)}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    try:
+        lcfg = LoraConfig.from_pretrained(str(d))
+    except (TypeError, ValueError, OSError) as exc:
+        raise UserError(f"{d / ADAPTER_CONFIG}: not a LoRA adapter config ({_first_line(exc)})") from None
+    lcfg.inference_mode = True
+    try:
+        with torch.random.fork_rng(devices=[]):  # the adapters' random init must not move the caller's RNG
+            peft_model = get_peft_model(model, lcfg)
+        result = set_peft_model_state_dict(peft_model, sd)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"adapter directory {d} does not fit its base {base}: {_first_line(exc)}") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise UserError(f"adapter directory {d} does not fit its base {base} (missing {missing[:3]}, "
+                        f"unexpected {list(result.unexpected_keys)[:3]})")
+    model = peft_model.merge_and_unload()
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, guess_format(str(d), tokenizer) if (d / META_FILE).is_file() else fmt
+
+
+#: module classes LoRA adapts (peft's LoRA layer types)
+def _lora_layer_types():
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+
+
+def check_lora_targets(model, targets) -> None:
+    """One line unless every name in ``targets`` is a module of ``model`` that LoRA adapts (its last name
+    component, as peft matches ``target_modules``, or its full dotted name)."""
+    if list(targets) == ["all-linear"]:
+        return
+    types = _lora_layer_types()
+    modules = list(model.named_modules())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear) and n})
+    for t in targets:
+        hits = [m for n, m in modules if n and (n == t or n.endswith("." + t))]
+        if not hits:
+            raise UserError(f"--lora-targets: {model.__class__.__name__} has no module named {t!r} "
+                            f"(its linear layers: {', '.join(linear)})")
+        bad = [m for m in hits if not isinstance(m, types)]
+        if bad:
+            raise UserError(f"--lora-targets: {t!r} is a {type(bad[0]).__name__}, not a linear, embedding or conv "
+                            f"layer (its linear layers: {', '.join(linear)})")
+
+
+def add_lora(model, lora: dict, *, base: str, seed: int = 0):
+    """``model`` wrapped by peft with LoRA adapters ``lora`` (``r``, ``alpha``, ``dropout``, ``targets``); only the
+    adapters train. The adapters' init is drawn from ``seed`` (the caller's RNG does not move); ``base`` is
+    what ``adapter_config.json`` records as ``base_model_name_or_path``."""
+    from peft import LoraConfig, get_peft_model
+
+    check_lora_targets(model, lora["targets"])
+    targets = "all-linear" if list(lora["targets"]) == ["all-linear"] else list(lora["targets"])
+    cfg = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                     target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    dev = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            peft_model = get_peft_model(model, cfg)
+        except ValueError as exc:
+            raise UserError(f"--lora-targets: {_first_line(exc)}") from None
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    return peft_model
+
+
+def enable_gradient_checkpointing(model, lora: bool) -> None:
+    """Non-reentrant activation checkpointing on ``model`` (an HF model, before any peft wrapping). With LoRA
+    the embedding outputs are made to require grad (``enable_input_require_grads``), so the adapters inside
+    checkpointed layers receive gradients even with frozen embeddings (cf. open-unlearning#178)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"--gradient-checkpointing: {model.__class__.__name__} does not support it")
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if lora:
+        model.enable_input_require_grads()
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -221,10 +388,14 @@ def save_checkpoint(model, tokenizer, out_dir, extra: dict | None = None, *, sta
     """
     out = Path(out_dir)
     kw = {"state_dict": state_dict, "is_main_process": is_main_process}
-    if save_function is not None:
+    if is_peft_model(model):  # the adapters only, as safetensors (never a pickle)
+        kw.update(safe_serialization=True, save_embedding_layers=False)
+    elif save_function is not None:
         kw["save_function"] = save_function
     model.save_pretrained(out, **kw)
     if is_main_process:
+        if is_peft_model(model):  # peft's model-card template, with nothing of this run in it
+            (out / "README.md").unlink(missing_ok=True)
         fix_permissions(out)
         tokenizer.save_pretrained(out)
         write_json(out / META_FILE, dict(extra or {}))

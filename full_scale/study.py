@@ -87,6 +87,13 @@ class StudyConfig:
     select: str = "last"              #: the declared model selection: the last epoch of every run
     holdout_file: str | None = None   #: non-member QA of the MIAs/privleak (tofu-mini: its own holdout)
     dialect: str = "npo-sim"          #: every stage's conventions (full_scale.dialects)
+    #: LoRA and activation checkpointing of every finetune/unlearn stage (passed through; the stages validate them)
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_targets: str | None = None   #: comma list, as --lora-targets
+    merge_lora: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         mini = self.preset == "mini"
@@ -108,7 +115,7 @@ class StudyConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be ≥ 1, got {v}")
-
+        self.train_flags()  # bad LoRA settings: one line now, not in every stage
     def settings(self) -> dict:
         """What ``summary.json`` and ``results.md`` record of the study."""
         return {"preset": self.preset, "model": self.model, "forget": list(self.forget), "retain": list(self.retain),
@@ -116,7 +123,24 @@ class StudyConfig:
                 "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size,
                 "out": self.out, "seeds": list(self.unlearn_seeds), "select": self.select,
                 "select_rule": SELECTIONS[self.select], "holdout_file": self.holdout_file, "dialect": self.dialect,
-                "judge": "the oracle of each forget split"}
+                "judge": "the oracle of each forget split",
+                **({"lora_flags": self.train_flags()} if self.train_flags() else {})}
+
+    def train_flags(self) -> list[str]:
+        """The LoRA / checkpointing flags of every finetune and unlearn stage (checked as the stages will)."""
+        flags = _flags((("--lora-r", self.lora_r), ("--lora-alpha", self.lora_alpha),
+                        ("--lora-dropout", self.lora_dropout), ("--lora-targets", self.lora_targets)))
+        flags += ["--merge-lora"] * self.merge_lora + ["--gradient-checkpointing"] * self.gradient_checkpointing
+        if flags:
+            from .config import RunConfig
+
+            targets = tuple(x.strip() for x in self.lora_targets.split(",") if x.strip()) \
+                if self.lora_targets is not None else None
+            RunConfig(model="x", out="x", epochs=1, lr=1.0, batch_size=1, grad_accum=1, lora_r=self.lora_r,
+                      lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout or 0.0,
+                      lora_targets=targets if self.lora_r is not None or targets else None,
+                      merge_lora=self.merge_lora)
+        return flags
 
     @property
     def unlearn_seeds(self) -> tuple[int, ...]:
@@ -163,7 +187,7 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     common = ["--preset", cfg.preset, "--seed", str(cfg.seed), "--no-progress", "--dialect", cfg.dialect,
               *_flags((("--data-dir", cfg.data_dir), ("--batch-size", cfg.batch_size),
                        ("--grad-accum", cfg.grad_accum), ("--threads", cfg.threads))),
-              *shlex.split(cfg.train_args or "")]
+              *cfg.train_flags(), *shlex.split(cfg.train_args or "")]
     ft = common + _flags((("--epochs", cfg.finetune_epochs), ("--lr", cfg.finetune_lr)))
     ul = common + _flags((("--epochs", cfg.epochs), ("--lr", cfg.lr)))
     ev = ["--ds-size", str(cfg.eval_ds_size), "--max-new-tokens", str(cfg.eval_max_new_tokens),

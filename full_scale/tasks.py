@@ -13,7 +13,21 @@ so batch × accumulation × processes splits are exact.
 comes from: forget-side log-likelihoods (``logp_ref``, ``idk_logp_ref``) cached once at θ_0 (saved in
 ``ref_cache.safetensors``, reloaded on resume), and/or a frozen copy of θ_0 (needed for the retain
 logits of the ``*_kl`` methods, or with ``ref_mode="model"``; both modes give the same losses).
-:class:`Reference` is the built object the micro-batches read.
+With LoRA (``--lora-r``) there is no copy: θ_0 is the same model with its adapters disabled
+(``adapter-disabled`` in ``run.json``), for every method. :class:`Reference` is the built object the
+micro-batches read.
+
+**Sharded runs.** Under FSDP the frozen copy is sharded like the policy (FSDP2 ``fully_shard`` on each
+decoder layer, then on the whole model, over the policy's device mesh; every rank first takes rank 0's
+weights) and is not registered with accelerate, so ``save_state`` never writes it. Under DeepSpeed it
+is a ``deepspeed.initialize`` engine without an optimizer (ZeRO-3: partitioned; the TRL recipe;
+untested here: DeepSpeed needs an accelerator). With LoRA θ_0 is the sharded policy itself, adapters
+disabled. ``run.json`` records ``reference_sharded``: ``fully_shard``, ``deepspeed``, ``policy`` or None.
+
+**Retain pass.** The retain batch is forwarded only when the objective reads a retain input (or
+``--stop-on-collapse`` needs the per-step retain NLL). Otherwise ``retain_nll`` is NaN in
+``train_log.csv`` and the collapse detector uses ``retain_nll_monitor``, the mean NLL of the
+:data:`NLL_MONITOR` retain examples after every epoch (the set ``retain_nll0`` is measured on).
 
 **Hooks** (called by :func:`full_scale.train.run`): ``start`` before the first step, ``after_step``
 on each logged row, ``end_epoch`` after each epoch. Unlearning uses them for the collapse detector
@@ -28,6 +42,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +77,21 @@ REF_KEYS = ("logp_ref", "idk_logp_ref", "ref_token_logp")
 RMU_LAYER_FRACTION = 7 / 32
 NLL_MONITOR = 32    #: retain examples whose NLL the collapse detector compares with its initial value
 GREEDY_TOKENS = 32  #: answer length of the collapse detector's greedy check
+#: the objective inputs that need a forward pass on the retain batch
+RETAIN_INPUTS = frozenset({"retain_logp", "retain_logits", "retain_hidden"})
+
+
+@contextmanager
+def adapters_disabled(model):
+    """θ_0 of a LoRA (peft) model: its adapters disabled, in eval mode (as a frozen copy would be), restored after."""
+    was_training = model.training
+    model.eval()
+    peft = model if hasattr(model, "disable_adapter") else model.module  # FSDP1/DeepSpeed wrap the peft model
+    try:
+        with peft.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def reduce_logp(lp_sum, count, how: str):
@@ -129,34 +159,57 @@ class ReferenceSource:
     """Where π_ref comes from in one run, decided once."""
 
     cached: tuple[str, ...] = ()  #: reference log-likelihoods computed once at θ_0
-    model: bool = False           #: whether a frozen copy of θ_0 is kept
+    model: bool = False           #: whether θ_0 is run during training (a frozen copy, or the adapter-disabled model)
+    adapter: bool = False         #: LoRA: θ_0 is the model with its adapters disabled, never a copy
 
     @classmethod
-    def choose(cls, objective, ref_mode: str, uncacheable: tuple[str, ...] = ()) -> ReferenceSource:
-        """``uncacheable``: reference keys that change during the run (a dialect's per-step IDK answer)."""
+    def choose(cls, objective, ref_mode: str, uncacheable: tuple[str, ...] = (),
+               adapter: bool = False) -> ReferenceSource:
+        """``uncacheable``: reference keys that change during the run (a dialect's per-step IDK answer);
+        ``adapter``: the run trains LoRA adapters, so θ_0 is the adapter-disabled model."""
         cached = tuple(k for k in REF_KEYS if k in objective.needs and k not in uncacheable) \
             if ref_mode == "cached" else ()
         keep = (objective.needs_ref_logits or (ref_mode == "model" and objective.uses_reference)
                 or bool(set(uncacheable) & objective.needs))
-        return cls(cached, keep)
+        return cls(cached, keep, adapter)
+
+    @property
+    def frozen_model(self) -> bool:
+        """Whether a second copy of the weights is loaded (never with LoRA)."""
+        return self.model and not self.adapter
+
+    @property
+    def kind(self) -> str | None:
+        """What ``run.json`` records as ``ref``: adapter-disabled, frozen-copy, cached or None (no reference)."""
+        if self.model:
+            return "adapter-disabled" if self.adapter else "frozen-copy"
+        return "cached" if self.cached else None
 
     def frozen_copy(self, model):
         """A frozen copy of θ_0 when this source needs one (take it before any weights are resumed)."""
-        return copy.deepcopy(model).requires_grad_(False).eval() if self.model else None
+        return copy.deepcopy(model).requires_grad_(False).eval() if self.frozen_model else None
 
 
 @dataclass(frozen=True)
 class Reference:
-    """π_ref as the micro-batches read it: cached per-example values first, else the frozen model."""
+    """π_ref as the micro-batches read it: cached per-example values first, else the frozen model (or,
+    with ``adapter``, the peft ``model`` with its adapters disabled)."""
 
     logps: Mapping[str, torch.Tensor] = field(default_factory=dict)
     model: Any = None
+    adapter: bool = False
+    sharded: str | None = None  #: how θ_0 is sharded across processes (``run.json``'s ``reference_sharded``)
+
+    @contextmanager
+    def _theta0(self):
+        with torch.no_grad(), (adapters_disabled(self.model) if self.adapter else nullcontext(self.model)) as m:
+            yield m
 
     def logp(self, key: str, ids, batch: dict, reduction: str) -> torch.Tensor:
         if key in self.logps:
             return self.logps[key][ids].to(batch["input_ids"].device)
-        with torch.no_grad():
-            lp, n = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        with self._theta0() as m:
+            lp, n = sequence_logprobs(m, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return reduce_logp(lp, n, reduction)
 
     def token_logp(self, ids, batch: dict) -> torch.Tensor:
@@ -164,17 +217,17 @@ class Reference:
         width = batch["input_ids"].shape[1] - 1
         if "ref_token_logp" in self.logps:
             return self.logps["ref_token_logp"][ids][:, :width].to(batch["input_ids"].device)
-        with torch.no_grad():
-            return token_logprobs_from_logits(forward_logits(self.model, batch["input_ids"], batch["attention_mask"]),
+        with self._theta0() as m:
+            return token_logprobs_from_logits(forward_logits(m, batch["input_ids"], batch["attention_mask"]),
                                               batch["labels"])[0]
 
     def logits(self, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            return forward_logits(self.model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+        with self._theta0() as m:
+            return forward_logits(m, batch["input_ids"], batch["attention_mask"])[:, :-1]
 
     def hidden(self, batch: dict, layer: int) -> torch.Tensor:
-        with torch.no_grad():
-            return forward(self.model, batch["input_ids"], batch["attention_mask"], layer)[1]
+        with self._theta0() as m:
+            return forward(m, batch["input_ids"], batch["attention_mask"], layer)[1]
 
     def save(self, out: Path) -> None:
         """Write the cached values to ``out/ref_cache.safetensors`` (once; a resumed run reloads them)."""
@@ -183,6 +236,62 @@ class Reference:
 
             # atomic, with the usual permissions (safetensors' own save_file leaves 0600)
             write_bytes(out / REF_CACHE, save({k: v.contiguous() for k, v in self.logps.items()}))
+
+
+def _sharded_type(acc) -> str | None:
+    from accelerate.utils import DistributedType
+
+    t = acc.distributed_type
+    return {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DEEPSPEED"}.get(t)
+
+
+def fully_shard_reference(acc, frozen):
+    """The frozen θ_0 sharded like an FSDP policy: rank 0's weights on every rank, then FSDP2 ``fully_shard`` on
+    each decoder layer (the policy's wrap classes, else the model's ``_no_split_modules``) and on the whole model,
+    over the accelerator's device mesh. Not registered with accelerate (``save_state`` does not write it)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if any(t.is_meta for t in frozen.parameters()):  # a rank that loaded on meta (cpu-RAM-efficient loading)
+            frozen.to_empty(device=acc.device)
+        with torch.no_grad():
+            for t in (*frozen.parameters(), *frozen.buffers()):
+                dist.broadcast(t.data, src=0)
+    plugin = acc.state.fsdp_plugin
+    names = set(getattr(plugin, "transformer_cls_names_to_wrap", None)
+                or getattr(frozen, "_no_split_modules", None) or ())
+    kw: dict[str, Any] = {"reshard_after_forward": True}
+    if acc.torch_device_mesh is not None:
+        kw["mesh"] = acc.torch_device_mesh
+    if isinstance(getattr(plugin, "mixed_precision_policy", None), MixedPrecisionPolicy):
+        kw["mp_policy"] = plugin.mixed_precision_policy
+    for m in list(frozen.modules())[1:]:
+        if type(m).__name__ in names:
+            fully_shard(m, **kw)
+    fully_shard(frozen, **kw)
+    return frozen.requires_grad_(False).eval()
+
+
+def deepspeed_reference(acc, frozen):
+    """The frozen θ_0 as a DeepSpeed engine without an optimizer (TRL's ``prepare_deepspeed``): partitioned under
+    ZeRO-3, whole (stage 0) under ZeRO-1/2, which shard only optimizer state. UNTESTED: DeepSpeed does not run
+    on CPU, and it is not installed in the test environment."""
+    import deepspeed
+
+    config = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        h = getattr(frozen.config, "hidden_size", None)
+        if h:
+            zero.update(reduce_bucket_size=h * h, stage3_param_persistence_threshold=10 * h,
+                        stage3_prefetch_bucket_size=int(0.9 * h * h))
+    else:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=frozen, config=config)
+    return engine.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +320,7 @@ class FinetuneTask:
         self.source = ReferenceSource()
 
     def info(self) -> dict:
-        return {"method": None, "objective_needs": ["retain_logp"], "reference_model_loaded": False}
+        return {"method": None, "objective_needs": ["retain_logp"], "reference_model_loaded": False, "ref": None}
 
     def reference(self, acc, model, frozen, out: Path, state: dict, resumed: bool) -> Reference:
         return Reference()
@@ -273,18 +382,34 @@ class UnlearnTask:
         self.reduction = "sum" if self.obj.sequence_reduction == "sum" else run.ga_reduction
         # a per-step IDK answer (open-unlearning) has no fixed reference to cache
         uncacheable = ("idk_logp_ref",) if self.dialect.idk_sampling == "per_step" else ()
-        self.source = ReferenceSource.choose(self.obj, spec.ref_mode, uncacheable)
+        self.source = ReferenceSource.choose(self.obj, spec.ref_mode, uncacheable, adapter=run.lora_r is not None)
+        # the retain batch is forwarded only when something reads it: the objective, or the per-step collapse stop
+        self.step_retain = bool(self.obj.needs & RETAIN_INPUTS) or run.stop_on_collapse
         self.monitor_questions = [r["question"] for r in rows["retain"][:run.collapse_questions]]
         self.eval_inputs = rows.get("eval")
         self.greedy_log: dict[str, list[str]] = {}
 
     def info(self) -> dict:
         return {"method": self.job.task.method, "objective_needs": sorted(self.obj.needs),
-                "reference_model_loaded": self.source.model}
+                "reference_model_loaded": self.source.frozen_model, "ref": self.source.kind,
+                "retain_pass": "every step" if self.step_retain else "epoch end (retain_nll_monitor)"}
 
     # ---- the reference, built once after the model is prepared
     def reference(self, acc, model, frozen, out: Path, state: dict, resumed: bool) -> Reference:
-        ref_model = acc.prepare_model(frozen, evaluation_mode=True) if frozen is not None else None
+        sharded = _sharded_type(acc)
+        if self.source.adapter:  # LoRA: θ_0 is the same (unwrapped peft) model with its adapters disabled
+            # (sharded: the prepared model itself, whose forward gathers the shards)
+            ref_model = (model if sharded else acc.unwrap_model(model)) \
+                if self.source.model or self.source.cached else None
+            how = "policy" if sharded and ref_model is not None else None
+        elif frozen is None:
+            ref_model, how = None, None
+        elif sharded == "FSDP":
+            ref_model, how = fully_shard_reference(acc, frozen), "fully_shard"
+        elif sharded == "DEEPSPEED":
+            ref_model, how = deepspeed_reference(acc, frozen), "deepspeed"
+        else:
+            ref_model, how = acc.prepare_model(frozen, evaluation_mode=True), None
         path, logps = out / REF_CACHE, {}
         if resumed and path.is_file():
             from safetensors.torch import load_file
@@ -294,9 +419,11 @@ class UnlearnTask:
             if resumed:
                 raise UserError(f"--resume: {path} is missing")
             t0 = time.time()
-            logps = self._cache(model, self.job.run.batch_size)
+            with adapters_disabled(ref_model) if self.source.adapter else nullcontext():
+                logps = self._cache(ref_model if self.source.adapter else model, self.job.run.batch_size)
             state["ref_cache_seconds"] = time.time() - t0
-        return Reference(logps, ref_model)
+        return Reference(logps, ref_model if self.source.model else None, adapter=self.source.adapter,
+                         sharded=how if self.source.model else None)
 
     @torch.no_grad()
     def _cache(self, model, batch_size: int) -> dict[str, torch.Tensor]:
@@ -327,7 +454,7 @@ class UnlearnTask:
         dev, needs, red, pad_id = _device(model), self.obj.needs, self.reduction, self.pad_id
         pairs = D.pair_retain(self.n, len(self.retain), self.job.run.seed, epoch)
         fb = _on(dev, D.pad_batch([self.forget[i] for i in ids], pad_id))
-        rb = _on(dev, D.pad_batch([self.retain[pairs[i]] for i in ids], pad_id))
+        rb = _on(dev, D.pad_batch([self.retain[pairs[i]] for i in ids], pad_id)) if self.step_retain else None
         x: dict[str, torch.Tensor] = {}
         ib = None
         # forget side: always computed (logged even when the objective does not read it)
@@ -344,8 +471,12 @@ class UnlearnTask:
         for key, b in (("logp_ref", fb), ("idk_logp_ref", ib)):
             if key in needs:
                 x[key] = reference.logp(key, ids, b, red)
-        # retain side: retain NLL is always logged; gradients only when the objective reads it
-        if "retain_logits" in needs:
+        # retain side: forwarded when read (the objective, or the per-step collapse stop); gradients only
+        # when the objective reads it
+        rlp = rn = None
+        if rb is None:
+            pass
+        elif "retain_logits" in needs:
             rlp, rn, rlogits, rmask = token_logits(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
             if self.dialect.kl_positions == "all":   # open-unlearning: every position, prompt and padding too
                 rmask = None
@@ -358,9 +489,10 @@ class UnlearnTask:
         else:
             with torch.set_grad_enabled("retain_logp" in needs):
                 rlp, rn = sequence_logprobs(model, rb["input_ids"], rb["attention_mask"], rb["labels"])
-        x["retain_logp"] = reduce_logp(rlp, rn, self.job.run.ga_reduction)
+        if rlp is not None:
+            x["retain_logp"] = reduce_logp(rlp, rn, self.job.run.ga_reduction)
         terms = self.obj(x)
-        tokens = int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
+        tokens = int(fb["attention_mask"].sum() + (rb["attention_mask"].sum() if rb is not None else 0))
         return terms.loss, self._stats(terms, lp, n, rlp, rn, x), tokens
 
     def _idk(self, epoch: int) -> list:
@@ -396,7 +528,9 @@ class UnlearnTask:
             B = len(lp)
             stats = {"loss": terms.loss.detach() * B, "forget_loss": terms.forget.detach() * B,
                      "retain_loss": terms.retain.detach() * B, "forget_logp": lp.detach().sum(),
-                     "forget_logp_per_token": (lp / n).detach().sum(), "retain_nll": (-rlp / rn).detach().sum()}
+                     "forget_logp_per_token": (lp / n).detach().sum()}
+            if rlp is not None:
+                stats["retain_nll"] = (-rlp / rn).detach().sum()
             if "logp_ref" in x:
                 stats["npo_weight"] = npo_weight(reduce_logp(lp, n, "sum").detach(), x["logp_ref"],
                                                  self.obj.beta).sum()
@@ -424,6 +558,8 @@ class UnlearnTask:
         """Flag the step: retain NLL > k × initial, or the last greedy check degenerate."""
         if "logp_ref" not in self.obj.needs:
             row["npo_weight"] = math.nan
+        if not self.step_retain:  # not computed per step: checked after the epoch (end_epoch)
+            row["retain_nll"] = math.nan
         row["collapse_nll"] = int(row["retain_nll"] > self.job.run.collapse_k * s.state["retain_nll0"])
         row["degenerate_frac"] = math.nan
         return self._flag(s, row)
@@ -439,6 +575,12 @@ class UnlearnTask:
         the per-epoch evaluation. Returns whether the run counts as collapsed now."""
         last = s.log_rows[-1]
         collapsed = bool(last["collapse"])
+        if not self.step_retain:  # the retain NLL of the monitor set (retain_nll0's), measured here instead of per step
+            nll_now = mean_nll(s.model, self.retain[:NLL_MONITOR], self.pad_id)
+            last["retain_nll_monitor"] = nll_now
+            last["collapse_nll"] = int(nll_now > self.job.run.collapse_k * s.state["retain_nll0"])
+            collapsed = self._flag(s, last)
+            s.write_log()
         if self.monitor_questions:
             frac = self._greedy(s, str(epoch))
             last["degenerate_frac"] = frac

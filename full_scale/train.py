@@ -15,6 +15,23 @@ micro-batch computes, and what happens around the steps, belongs to the task
   ``checkpoints/epoch-K/``, and the final model in ``model/`` (written to ``.model.tmp`` and renamed
   into place). Timings (seconds, tokens/s, peak RSS) go to ``timing.json`` only, so the same seed gives
   byte-identical ``config.json``, ``run.json``, ``train_log.csv`` and weights.
+* **LoRA** (``--lora-r``): peft adapters on the loaded model (the base, or the fine-tuned target for
+  unlearning); only they train, and θ_0 is the same model with its adapters disabled (no copy of the
+  weights). Checkpoints and ``model/`` hold the adapter directory (safetensors); ``--merge-lora``
+  makes ``model/`` the merged, plain HF model. ``param_dist`` is then the distance of the adapter
+  weights from their init. ``--gradient-checkpointing``: non-reentrant activation checkpointing.
+* **Sharded runs** (FSDP, DeepSpeed ZeRO-3; ``full_scale/accelerate/fsdp.yaml``,
+  ``deepspeed_zero3.yaml``). The frozen θ_0 of the ``*_kl`` (and other reference-model) methods is
+  sharded like the policy (FSDP2 ``fully_shard`` per decoder layer, then the whole model; ZeRO-3:
+  ``deepspeed.initialize`` without an optimizer) and never registered for checkpointing; with LoRA it
+  is the adapter-disabled policy. Checkpoints gain ``accelerate/`` (``save_state``: every rank's
+  optimizer shard), restored by ``load_state`` after ``prepare``. ``--merge-lora`` and the per-epoch
+  evaluation are refused there (merge or evaluate the saved ``model/`` afterwards).
+* **FSDP on CPU** (tests, debugging): accelerate ignores an FSDP plugin on CPU and silently runs DDP
+  (``MULTI_CPU``). ``NPO_TOFU_FSDP_CPU=1`` under ``torchrun --nproc_per_node N ... --cpu`` forces
+  FSDP2 on gloo (fully sharded, decoder layers as the wrap unit, sharded state dicts); ``run.json``
+  records ``distributed_type`` (``DistributedType.FSDP``) and ``world_size``, so a silent DDP
+  fallback shows. (FSDP1 is not supported on CPU; on GPUs use the accelerate config.)
 * **Interrupts.** Ctrl-C is one line, ``interrupted at step N; continue with --resume`` (exit 130): what
   the run leaves (complete checkpoints, an atomically written log) is valid, and ``--resume`` gives
   the same result as an uninterrupted run.
@@ -29,14 +46,16 @@ from pathlib import Path
 
 import torch
 
-from npo_sim.runio import NonFiniteLoss, check_out_dir, write_csv, write_json
+from npo_sim.runio import NonFiniteLoss, UserError, check_out_dir, write_csv, write_json
 
 from . import checkpoint
 from .config import Launch, TrainJob
-from .models import load_model
+from .models import add_lora, enable_gradient_checkpointing, load_model, resolve_checkpoint
 from .tasks import TASKS, Session
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+#: set to 1 (under torchrun, with --cpu or no GPU) to force FSDP2 on gloo CPU processes
+FSDP_CPU_ENV = "NPO_TOFU_FSDP_CPU"
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -60,6 +79,13 @@ def micro_parts(step_ids: list[int], world: int, accum: int, rank: int) -> list[
     P, L = world * accum, len(step_ids)
     parts = [step_ids[k * L // P:(k + 1) * L // P] for k in range(P)]
     return [parts[m * world + rank] for m in range(accum)]
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (an FSDP2 DTensor's shard, a ZeRO-3 partition; the tensor itself otherwise)."""
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3 (untested on CPU: deepspeed needs an accelerator)
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _param_distance(params, params0) -> torch.Tensor:
@@ -101,12 +127,55 @@ def _log_row(acc, stat_names, sums, n_real: int, tokens: int, model, params0) ->
     vec = vec.cpu()
     N = float(vec[-2])
     row = {k: float(vec[i]) / N for i, k in enumerate(stat_names)}
-    dist = _param_distance([p for p in model.parameters() if p.requires_grad], params0)
+    dist = _param_distance([_local(p) for p in model.parameters() if p.requires_grad], params0)
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         dist = acc.reduce(dist.to(acc.device), reduction="sum").cpu()
     row["param_dist"] = float(dist) ** 0.5
     row["tokens"] = int(vec[-1])
     return row
+
+
+def _base_name(model: str) -> str:
+    """What an adapter directory records as its base: a local checkpoint as an absolute path (a run directory as
+    its ``model/``), anything else (an HF id, tiny-llama) as given."""
+    p = Path(resolve_checkpoint(model))
+    return str(p.resolve()) if p.exists() else model
+
+
+def is_sharded(acc) -> bool:
+    """Whether parameters and optimizer state are sharded across the processes (FSDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def make_accelerator(launch: Launch, grad_accum: int):
+    """The accelerator; with ``NPO_TOFU_FSDP_CPU=1`` on CPU, FSDP2 forced onto the gloo processes (accelerate
+    itself would silently fall back to DDP there)."""
+    import os
+
+    from accelerate import Accelerator
+
+    cpu = launch.cpu or not torch.cuda.is_available()
+    force = os.environ.get(FSDP_CPU_ENV, "").strip() not in ("", "0")
+    if not force:
+        return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum)
+    if not cpu:
+        raise UserError(f"{FSDP_CPU_ENV}=1 forces FSDP on CPU processes: pass --cpu, or on GPUs launch with "
+                        "--config_file full_scale/accelerate/fsdp.yaml instead")
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT",
+                                            cpu_ram_efficient_loading=False)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, fsdp_plugin=plugin)
+    # AcceleratorState re-reads PartialState on each call, so both are switched
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return acc
 
 
 def run(job: TrainJob, launch: Launch) -> int:
@@ -118,20 +187,29 @@ def run(job: TrainJob, launch: Launch) -> int:
     rows = Task.load(job)
     if launch.threads:
         torch.set_num_threads(launch.threads)
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     # ---- model, data, and the reference copy of θ_0 (taken before any resumed weights are loaded)
-    acc = Accelerator(cpu=launch.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
-    world = acc.num_processes
+    acc = make_accelerator(launch, cfg.grad_accum)
+    world, sharded = acc.num_processes, is_sharded(acc)
+    if sharded and cfg.lora is not None and cfg.merge_lora:
+        raise UserError(f"--merge-lora is not supported under {acc.distributed_type}: the adapters are sharded; "
+                        "save them (drop --merge-lora) and load the adapter directory, which merges it")
+    if sharded and job.eval is not None:
+        raise UserError(f"the per-epoch evaluation runs on one process and is not supported under "
+                        f"{acc.distributed_type}; evaluate the saved model/ afterwards")
     model, tokenizer, fmt = load_model(cfg.model, device=acc.device, dtype=DTYPES[cfg.dtype], data_dir=cfg.data_dir,
                                        seed=cfg.seed, allow_pickle=launch.allow_pickle_weights)
     fmt = cfg.prompt_format or fmt
     task = Task(job, rows, tokenizer, fmt)
-    frozen = task.source.frozen_copy(model)
+    frozen = task.source.frozen_copy(model)  # never with LoRA: θ_0 is the adapter-disabled model
+    if launch.gradient_checkpointing:
+        enable_gradient_checkpointing(model, lora=cfg.lora is not None)
+    if cfg.lora is not None:  # bad --lora-targets fail here, before anything is written
+        model = add_lora(model, cfg.lora, base=_base_name(cfg.model), seed=cfg.seed)
 
     # ---- sizes and schedule
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -139,16 +217,27 @@ def run(job: TrainJob, launch: Launch) -> int:
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    params0 = [p.detach().clone() for p in trainable]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    # θ_0 of param_dist, taken before resumed weights load (sharded runs: this rank's shards, after prepare)
+    params0 = None if sharded else [p.detach().clone() for p in trainable]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps))
 
     # ---- resume, prepare, the reference (built once)
-    restored = checkpoint.restore(out, model, opt, sched, acc.device) if launch.resume else None
+    if acc.distributed_type.name == "DEEPSPEED":  # no dataloader is prepared, so accelerate cannot fill in "auto"
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    # (sharded runs: the schedule, RNG and state here; weights and every rank's optimizer shard after prepare)
+    restored = checkpoint.restore(out, model, opt, sched, acc.device, sharded=sharded) if launch.resume else None
     state = dict(restored.state) if restored else {}
     if restored and acc.is_main_process:
         print(f"[{command}] resuming from {restored.path} (epoch {restored.epoch}, step {state['step']})")
     model, opt = acc.prepare(model, opt)  # AcceleratedOptimizer steps only at accumulation boundaries
+    if sharded:
+        params0 = [_local(p).detach().clone() for p in model.parameters() if p.requires_grad]
+        if restored:
+            checkpoint.restore_sharded(acc, opt, restored)
     reference = task.reference(acc, model, frozen, out, state, resumed=restored is not None)
 
     # ---- run info (printed and saved)
@@ -156,7 +245,12 @@ def run(job: TrainJob, launch: Launch) -> int:
             "grad_accum": cfg.grad_accum, "effective_batch": per_step, "examples": task.n,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
             "prompt_format": fmt, "dialect": cfg.dialect, "distributed_type": str(acc.distributed_type),
-            "n_parameters": sum(p.numel() for p in params0), **task.info()}
+            "n_parameters": n_trainable, **task.info()}
+    if sharded:  # (absent otherwise: run.json as before)
+        info["reference_sharded"] = reference.sharded
+    if cfg.lora is not None or launch.gradient_checkpointing:  # (absent otherwise: run.json as before)
+        info.update(lora=cfg.lora, merge_lora=cfg.merge_lora, gradient_checkpointing=launch.gradient_checkpointing,
+                    n_parameters_total=n_total)
     if acc.is_main_process:
         print(f"[{command}] effective batch = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x "
               f"{world} processes = {per_step} examples/step; {task.n} examples, {steps_per_epoch} steps/epoch, "
@@ -168,9 +262,12 @@ def run(job: TrainJob, launch: Launch) -> int:
                       resumed=restored is not None)
     task.start(session)
 
-    def meta() -> dict:  # provenance saved with every model (npo_sim.json)
-        return {"prompt_format": fmt, "command": command, "method": info["method"], "base_model": cfg.model,
-                "epoch": state.get("epoch"), "step": state.get("step")}
+    def meta(merged: bool = False) -> dict:  # provenance saved with every model (npo_sim.json)
+        m = {"prompt_format": fmt, "command": command, "method": info["method"], "base_model": cfg.model,
+             "epoch": state.get("epoch"), "step": state.get("step")}
+        if cfg.lora is not None:  # an adapter dir's tiny-llama base is rebuilt from this seed
+            m.update(lora=cfg.lora, lora_merged=merged, base_seed=cfg.seed)
+        return m
 
     # ---- the loop (Ctrl-C: one line naming the step; the run dir stays valid and resumable)
     step = int(state.get("step", 0))
@@ -226,7 +323,11 @@ def run(job: TrainJob, launch: Launch) -> int:
         # ---- final model (written to a temporary sibling and renamed into place)
         elapsed = time.time() - t_start
         if stop_reason != "stop_after_epoch":
-            checkpoint.save_model(acc, model, tokenizer, out / "model", meta())
+            if cfg.lora is not None and cfg.merge_lora:  # a plain HF model (the run is over: merging in place is fine)
+                checkpoint.save_model(acc, acc.unwrap_model(model).merge_and_unload(), tokenizer, out / "model",
+                                      meta(merged=True))
+            else:
+                checkpoint.save_model(acc, model, tokenizer, out / "model", meta())
     except KeyboardInterrupt:
         bar.close()
         raise KeyboardInterrupt(f"interrupted at step {at}; continue with --resume") from None

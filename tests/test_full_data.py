@@ -197,10 +197,16 @@ def test_sequence_logprobs_brute_force_and_padding_invariance(tiny):
 # ---------------------------------------------------------------------------------------- models
 def test_tiny_llama_sizes_and_checkpoint_roundtrip(tiny, tofu_data_dir, tmp_path):
     sizes = {}
-    for name in TINY_SIZES:
+    for name in ("1m", "5m", "20m"):
         m, tok = tiny_llama(name, data_dir=tofu_data_dir, seed=0)
         sizes[name] = count_parameters(m)
     assert 0.7e6 < sizes["1m"] < 1.5e6 and 4e6 < sizes["5m"] < 6.5e6 and 15e6 < sizes["20m"] < 25e6
+    # the 80m size (bench/bench_memory.py), counted on the meta device: nothing is allocated
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        big = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **TINY_SIZES["80m"]))
+    assert set(TINY_SIZES) == {"1m", "5m", "20m", "80m"} and count_parameters(big) == 84_165_888
     model, tok, fmt = tiny
     assert tok.pad_token_id is not None and tok.bos_token_id is not None and tok.eos_token_id is not None
     text = "Jaime Vasquez was born on the 25th of February, 1958 — in Santiago."
