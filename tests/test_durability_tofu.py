@@ -87,7 +87,10 @@ def test_real_sigint_is_one_line_and_exit_130(tiny_ckpt, tofu_data_dir, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NPO_DEBUG": ""}
     cmd = [sys.executable, "-m", "full_scale.cli", *_argv(tiny_ckpt, tofu_data_dir, out)]
     cmd[cmd.index("--epochs") + 1] = "200"  # far more than can finish before the signal
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background (bash `&`) inherits
+    # SIG_IGN, and Python then installs no KeyboardInterrupt handler, so the signal would be ignored
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / "train_log.csv").is_file() and proc.poll() is None and time.time() < deadline:
