@@ -7,10 +7,19 @@ the side-by-side figure. Each stage runs as a subprocess (``launcher`` prefixes 
 e.g. ``accelerate launch --config_file ...``) and is skipped when its finished outputs exist, so a
 killed study resumes. Stages of one dependency group (fine-tunes, oracle evals, target evals,
 unlearning runs) run up to ``jobs`` at a time.
+
+**Stage directories are named by what they compute**: ``finetuned/target-KEY``, ``finetuned/oracle-F-KEY``,
+``eval/WHO-F-KEY``, ``unlearn/F/[seed-S/]METHOD-KEY``, where KEY hashes the stage's command without
+where and how fast it runs (``--out``, ``--threads``, ``--data-dir``, ``--no-progress``, the launcher,
+the study's own path). Its inputs are paths to other stages' directories, so a changed fine-tuning
+setting gives a new target, new evals and new unlearning runs, while an added method or seed reuses the
+fine-tuned target and the oracles. A finished stage is never recomputed, and never reused for a
+different setting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -180,8 +189,25 @@ def _flags(pairs) -> list[str]:
     return [x for flag, v in pairs if v is not None for x in (flag, str(v))]
 
 
+#: flags that say where or how fast a stage runs, not what it computes (left out of its key)
+UNKEYED_FLAGS = {"--out": 1, "--threads": 1, "--data-dir": 1, "--no-progress": 0}
+
+
+def stage_key(args, out: Path) -> str:
+    """12 hex digits naming what ``args`` (a ``npo-tofu`` command after the launcher) computes: the
+    arguments without :data:`UNKEYED_FLAGS`, with the study directory written as ``<study>``."""
+    kept, it = [], iter(args)
+    for a in it:
+        if a in UNKEYED_FLAGS:
+            for _ in range(UNKEYED_FLAGS[a]):
+                next(it, None)
+            continue
+        kept.append(str(a).replace(str(out), "<study>"))
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:12]
+
+
 def plan(cfg: StudyConfig) -> list[Stage]:
-    """Every stage of the study, in order."""
+    """Every stage of the study, in order; each stage's directory is named by its :func:`stage_key`."""
     out, py = Path(cfg.out), (sys.executable,)
     launcher = tuple(shlex.split(cfg.launcher)) if cfg.launcher else py
     common = ["--preset", cfg.preset, "--seed", str(cfg.seed), "--no-progress", "--dialect", cfg.dialect,
@@ -195,44 +221,45 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     tofu = ("-m", "full_scale.cli")
     stages = []
 
-    def finetune(name, split, d, extra=()):
-        stages.append(Stage(name, "finetune", 0, d, (*launcher, *tofu, "finetune", "--split", split, "--model",
-                                                     cfg.model, "--out", str(d), *extra, *ft),
+    def finetune(name, slug, split, extra=()) -> Path:
+        args = ("finetune", "--split", split, "--model", cfg.model, *extra, *ft)
+        d = out / "finetuned" / f"{slug}-{stage_key(args, out)}"
+        stages.append(Stage(name, "finetune", 0, d, (*launcher, *tofu, *args, "--out", str(d)),
                             done=(d / "run.json").is_file() and (d / "model").is_dir(), threads=cfg.threads))
+        return d
 
-    target = out / "target"
-    finetune("finetune target (full)", "full", target)
-    for f, r in zip(cfg.forget, cfg.retain):
-        finetune(f"finetune oracle ({r})", r, out / f"oracle-{f}", ["--forget", f])
+    target = finetune("finetune target (full)", "target", "full")
+    oracle = {f: finetune(f"finetune oracle ({r})", f"oracle-{f}", r, ["--forget", f])
+              for f, r in zip(cfg.forget, cfg.retain)}
     holdout = _flags((("--holdout-file", cfg.holdout_file),))
+    oracle_log: dict[str, Path] = {}
     for f in cfg.forget:
-        judge = ["--judge-model", str(out / f"oracle-{f}" / "model")]  # the oracle judges fluency
-        for who, d in (("oracle", out / f"oracle-{f}"), ("target", target)):
-            e = out / "eval" / f"{who}-{f}"
-            retain_log = [] if who == "oracle" else ["--retain-log", str(_oracle_log(out, f))]
+        judge = ["--judge-model", str(oracle[f] / "model")]  # the oracle judges fluency
+        for who, d in (("oracle", oracle[f]), ("target", target)):
+            retain_log = [] if who == "oracle" else ["--retain-log", str(oracle_log[f])]
+            args = ("eval", "--model", str(d / "model"), "--forget-split", f, *retain_log, *ev, *holdout, *judge)
+            e = out / "eval" / f"{who}-{f}-{stage_key(args, out)}"
+            if who == "oracle":
+                oracle_log[f] = e / "eval_log_aggregated.json"
             stages.append(Stage(f"eval {who} on {f}", "eval", 1 if who == "oracle" else 2, e,
-                                (*py, *tofu, "eval", "--model", str(d / "model"), "--forget-split", f, "--out", str(e),
-                                 *retain_log, *ev, *holdout, *judge), done=(e / "summary.json").is_file(),
+                                (*py, *tofu, *args, "--out", str(e)), done=(e / "summary.json").is_file(),
                                 threads=cfg.threads))
     several = len(cfg.unlearn_seeds) > 1
     for f, r in zip(cfg.forget, cfg.retain):
         for seed in cfg.unlearn_seeds:
             for m in cfg.methods:
-                d = out / "unlearn" / f / (f"seed-{seed}" if several else "") / m
-                cmd = (*launcher, *tofu, "unlearn", "--eval-batch-size", str(cfg.eval_batch_size),
-                       "--eval-max-new-tokens", str(cfg.eval_max_new_tokens), "--model", str(target / "model"),
-                       "--forget", f, "--retain", r, "--method", m, "--out", str(d), "--eval-every-epoch",
-                       "--eval-ds-size", str(cfg.eval_ds_size), "--retain-log", str(_oracle_log(out, f)),
-                       "--eval-judge-model", str(out / f"oracle-{f}" / "model"),
-                       *_flags((("--eval-holdout-file", cfg.holdout_file),)), *ul, "--seed", str(seed))
+                args = ("unlearn", "--eval-batch-size", str(cfg.eval_batch_size),
+                        "--eval-max-new-tokens", str(cfg.eval_max_new_tokens), "--model", str(target / "model"),
+                        "--forget", f, "--retain", r, "--method", m, "--eval-every-epoch",
+                        "--eval-ds-size", str(cfg.eval_ds_size), "--retain-log", str(oracle_log[f]),
+                        "--eval-judge-model", str(oracle[f] / "model"),
+                        *_flags((("--eval-holdout-file", cfg.holdout_file),)), *ul, "--seed", str(seed))
+                d = out / "unlearn" / f / (f"seed-{seed}" if several else "") / f"{m}-{stage_key(args, out)}"
                 name = f"unlearn {f} {m}" + (f" seed {seed}" if several else "")
-                stages.append(Stage(name, "unlearn", 3, d, cmd, done=(d / "run.json").is_file(),
-                                    resume=(d / "config.json").is_file(), threads=cfg.threads, seed=seed))
+                stages.append(Stage(name, "unlearn", 3, d, (*launcher, *tofu, *args, "--out", str(d)),
+                                    done=(d / "run.json").is_file(), resume=(d / "config.json").is_file(),
+                                    threads=cfg.threads, seed=seed))
     return stages
-
-
-def _oracle_log(out: Path, forget: str) -> Path:
-    return out / "eval" / f"oracle-{forget}" / "eval_log_aggregated.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,7 +395,8 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     unlearn = [st for st in stages if st.kind == "unlearn"]
     done = {str(st.out) for st in unlearn if (st.out / "run.json").is_file() and (st.out / "eval_curve.csv").is_file()}
     settings = {**cfg.settings(), "unfinished_runs": [st.name for st in unlearn if str(st.out) not in done]}
-    targets = [str(p) for f in cfg.forget if (p := out / "eval" / f"target-{f}" / "summary.json").is_file()]
+    targets = [str(p) for st in stages if st.kind == "eval" and st.name.startswith("eval target ")
+               if (p := st.out / "summary.json").is_file()]
     seeds = cfg.unlearn_seeds
     by_seed = {s: [str(st.out) for st in unlearn if st.seed == s and str(st.out) in done] for s in seeds}
     summary = build_report(by_seed[seeds[0]], report_dir, targets)

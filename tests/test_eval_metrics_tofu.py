@@ -271,10 +271,10 @@ def test_study_seeds_and_select(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 + 4 + 2 * 2 * 3
     unlearn = [ln for ln in lines if " unlearn " in ln]
-    assert {f"/unlearn/mini-forget10/seed-{s}/ga " in " ".join(unlearn) for s in (0, 1, 2)} == {True}
-    assert all(ln.rstrip().endswith(tuple(f"--seed {s}" for s in (0, 1, 2))) for ln in unlearn)
-    assert all("--eval-judge-model /nonexistent/s/oracle-" in ln for ln in unlearn)
-    assert all("--judge-model /nonexistent/s/oracle-" in ln for ln in lines if " eval " in ln)
+    assert {f"/unlearn/mini-forget10/seed-{s}/ga-" in " ".join(unlearn) for s in (0, 1, 2)} == {True}
+    assert all(any(f"--seed {s} --out " in ln for s in (0, 1, 2)) for ln in unlearn)
+    assert all("--eval-judge-model /nonexistent/s/finetuned/oracle-" in ln for ln in unlearn)
+    assert all("--judge-model /nonexistent/s/finetuned/oracle-" in ln for ln in lines if " eval " in ln)
     from full_scale.study import study_config
 
     cfg = study_config("mini", methods=("ga",), seeds=(0, 1))

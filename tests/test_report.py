@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,9 @@ def test_study_plan_dry_run(capsys):
     assert rc == 0 and len(lines) == 3 + 4 + 4  # 3 fine-tunes, 2 evals x 2 splits, 2 methods x 2 splits
     assert "--split retain90" in lines[1] and "--split retain50" in lines[2]
     assert "--ds-size 40 --max-new-tokens 32" in lines[3]
-    assert "--retain-log /nonexistent/s/eval/oracle-mini-forget50/eval_log_aggregated.json" in lines[-1]
+    assert re.search(r"--retain-log /nonexistent/s/eval/oracle-mini-forget50-[0-9a-f]{12}/eval_log_aggregated.json",
+                     lines[-1])
+
     rc = tofu_main(["study", "--preset", "tofu", "--model", "meta-llama/Llama-2-7b-chat-hf", "--methods", "npo_rt",
                     "--launcher", "accelerate launch --config_file full_scale/accelerate/single_gpu.yaml",
                     "--out", "/nonexistent/t", "--dry-run"])
@@ -162,6 +165,29 @@ def test_study_plan_dry_run(capsys):
     assert "--split retain90" in lines[1] and "--ds-size 300 --max-new-tokens 128" in lines[2]
     assert tofu_main(["study", "--methods", "nope", "--dry-run"]) == 2
     assert tofu_main(["study", "--preset", "tofu", "--dry-run"]) == 2  # --model is required
+
+
+def test_study_stage_dirs_are_named_by_what_they_compute():
+    """A stage's directory key changes with what it computes (and what its inputs are), not with where or
+    how fast it runs: an added method reuses the target, oracles and evals; a new fine-tuning lr does not."""
+    from full_scale.study import plan, stage_key, study_config
+
+    def dirs(**kw):
+        return {st.name: st.out for st in plan(study_config("mini", model="tiny-llama:1m", out="/x/s", **kw))}
+
+    base = dirs(methods=("ga",))
+    more = dirs(methods=("ga", "npo"))
+    assert all(more[name] == d for name, d in base.items())          # ga's run, the target, oracles, evals reused
+    assert set(more) - set(base) == {"unlearn mini-forget10 npo", "unlearn mini-forget50 npo"}
+    assert dirs(methods=("ga",), threads=2) == base                  # how fast: not in the key
+    lr = dirs(methods=("ga",), finetune_lr=1e-3)   # target and oracles are fine-tuned with it: every stage changes
+    assert all(lr[name] != d for name, d in base.items())
+    epochs = dirs(methods=("ga",), epochs=3)        # unlearning epochs: only the unlearning runs change
+    assert {name for name in base if epochs[name] != base[name]} == {n for n in base if n.startswith("unlearn")}
+    # the key: the command without where/how fast it runs, the study dir written as <study>
+    a = ("unlearn", "--model", "/x/s/finetuned/t/model", "--out", "/x/s/u", "--threads", "1", "--no-progress")
+    b = ("unlearn", "--model", "/y/s/finetuned/t/model", "--out", "/y/s/v", "--threads", "2")
+    assert stage_key(a, "/x/s") == stage_key(b, "/y/s") != stage_key(a[:3] + ("--lr", "1"), "/x/s")
 
 
 def test_tofu_claims_from_the_committed_study(tmp_path):
