@@ -48,6 +48,8 @@ UTILITY_KEYS = tuple(f"{t}_{m}" for t in ("retain", "real_authors", "world_facts
 FORGET_KEYS = ("forget_prob", "forget_rouge", "forget_truth_ratio")
 #: the key of an eval log naming the dialect it was computed in (absent in published logs: unknown)
 DIALECT_KEY = "dialect"
+#: the key of an eval log naming its question subset (full_scale.data.question_subset; absent: "all")
+QUESTIONS_KEY = "questions"
 #: per-sample metrics aggregation needs, per use
 _NEED_FULL = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall")
 _NEED_FQ = ("avg_paraphrased_loss", "average_perturb_loss")
@@ -159,6 +161,16 @@ def task_log(log: dict, task: str, need=_NEED_FULL, name: str = "log") -> TaskLo
     return TaskLog(
         gt=cols.get("avg_gt_loss"), para=cols["avg_paraphrased_loss"], perturb=perturb, rouge=cols.get("rougeL_recall")
     )
+
+
+def log_questions(log: dict, name: str = "log") -> str:
+    """The question subset a log was evaluated on: its :data:`QUESTIONS_KEY`, ``"all"`` when absent."""
+    from .data import QUESTION_SUBSETS
+
+    q = log.get(QUESTIONS_KEY, "all")
+    if q not in QUESTION_SUBSETS:
+        raise UserError(f"{name}: unknown question subset {q!r} (expected one of {', '.join(QUESTION_SUBSETS)})")
+    return q
 
 
 def _span(idx: list[int]) -> str:
@@ -282,6 +294,14 @@ def aggregate(ckpt_log, retain_log=None, *, ckpt_name: str = "checkpoint log", r
             raise UserError(f"mismatched logs: {ckpt_name} has {tasks['forget'].n} forget samples, "
                             f"{retain_name if isinstance(retain_log, dict) else retain_log} has {rt.n}; "
                             "pass --allow-mismatched-logs to compare them anyway")
+        q_ck, q_rt = log_questions(ck, ckpt_name), log_questions(rt_log, retain_name)
+        if q_ck != q_rt:
+            if not allow_mismatched:
+                raise UserError(f"mismatched logs: {ckpt_name} was evaluated on the {q_ck!r} questions, "
+                                f"{retain_name if isinstance(retain_log, dict) else retain_log} on {q_rt!r}; "
+                                "pass --allow-mismatched-logs to compare them anyway")
+            notes.append(f"question subsets differ: checkpoint {q_ck!r}, retain log {q_rt!r} "
+                         "(KS compares the two distributions anyway)")
         fq, ks = forget_quality(tasks["forget"], rt)
         out["forget_quality"] = fq
         out["ks_statistic"] = ks

@@ -61,7 +61,11 @@ LOCATION_FIELDS = ("out",)
 
 def check_run_dir(out: Path, config: dict, resume: bool) -> None:
     """A new run needs a fresh directory; a resumed one an existing run with the same ``config.json``
-    (compared without :data:`LOCATION_FIELDS`, so a moved or copied run directory resumes)."""
+    (compared without :data:`LOCATION_FIELDS`, so a moved or copied run directory resumes). A field the
+    saved ``config.json`` predates counts as its default (:func:`~full_scale.config.saved_defaults`), in
+    the ``eval`` record too."""
+    from .config import saved_defaults
+
     path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
@@ -78,6 +82,11 @@ def check_run_dir(out: Path, config: dict, resume: bool) -> None:
     if not isinstance(old, dict):
         raise UserError(f"{path}: expected a JSON object")
     new = json.loads(json.dumps(jsonable(config)))
+    top, ev = saved_defaults(str(new.get("command")))
+    old = {**{k: v for k, v in top.items() if k in new}, **old}
+    if isinstance(old.get("eval"), dict) and isinstance(new.get("eval"), dict):
+        old["eval"] = {**{k: v for k, v in ev.items() if k in new["eval"]}, **old["eval"]}
+    old, new = (json.loads(json.dumps(jsonable(x))) for x in (old, new))   # defaults as JSON (tuples -> lists)
     keys = (set(new) | set(old)) - set(LOCATION_FIELDS)
     diff = sorted(k for k in keys if old.get(k) != new.get(k))
     if diff:

@@ -33,7 +33,13 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="per-device micro-batch")
     p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=C.OPTIMIZERS, default="adamw",
+                   help="adamw (default) or sgd: plain gradient steps (torch SGD, no momentum, --weight-decay as "
+                        "L2), the setting of the divergence law")
+    p.add_argument("--lr-schedule", choices=C.LR_SCHEDULES, default="linear",
+                   help="linear: warm-up, then linear decay to 0 (default); constant: warm-up, then --lr for every "
+                        "step (add --warmup-epochs 0 for a constant step size from the first step)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, under either --lr-schedule")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     _dialect_argument(p)
@@ -118,12 +124,15 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
                         "(tofu-mini has its own)")
     p.add_argument("--eval-judge-model", default=None,
                    help="per-epoch eval: checkpoint that scores the greedy forget answers (fluency), e.g. the oracle")
+    p.add_argument("--eval-questions", choices=("all", "val", "test"), default=None,
+                   help="per-epoch eval: all questions (default), or only the val/test questions of every eval set "
+                        "(full_scale.data: positions 0,5,10,15 of each author are val); the --retain-log must match")
     _common_arguments(p)
 
 
-_RUN_FLAGS = ("model", "out", "data_dir", "epochs", "lr", "batch_size", "grad_accum", "warmup_epochs",
-              "weight_decay", "seed", "max_length", "ga_reduction", "save_every", "keep_checkpoints", "collapse_k",
-              "collapse_questions", "stop_on_collapse", "dtype", "prompt_format", "lora_r", "lora_alpha",
+_RUN_FLAGS = ("model", "out", "data_dir", "epochs", "lr", "batch_size", "grad_accum", "optimizer", "lr_schedule",
+              "warmup_epochs", "weight_decay", "seed", "max_length", "ga_reduction", "save_every", "keep_checkpoints",
+              "collapse_k", "collapse_questions", "stop_on_collapse", "dtype", "prompt_format", "lora_r", "lora_alpha",
               "lora_dropout", "merge_lora")
 
 
@@ -170,7 +179,8 @@ def unlearn_job(args) -> C.TrainJob:
                                batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens,
                                gen_batch_size=args.eval_gen_batch_size,
                                allow_mismatched_logs=args.allow_mismatched_logs or None,
-                               holdout_file=args.eval_holdout_file, judge_model=args.eval_judge_model)
+                               holdout_file=args.eval_holdout_file, judge_model=args.eval_judge_model,
+                               questions=args.eval_questions)
     return C.TrainJob(run, spec, ev)
 
 
@@ -195,7 +205,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None,
                    help="the base of an adapter --model (default: base_model_name_or_path of its adapter_config.json)")
     p.add_argument("--forget-split", required=True,
-                   help="forget01/05/10/20/30/50/90, or mini-forget10/20/50 for tofu-mini")
+                   help="forget01/05/10/20/30/50/90, or mini-forget10/20/50/90 for tofu-mini")
     p.add_argument("--out", required=True, help="output directory: eval_log_aggregated.json and summary.json")
     p.add_argument("--retain-log", default=None,
                    help="the retain model's eval_log_aggregated.json: adds forget quality")
@@ -227,6 +237,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _dialect_argument(p)
     p.add_argument("--allow-mixed-dialects", action="store_true",
                    help="accept a --retain-log computed in another dialect")
+    p.add_argument("--questions", choices=("all", "val", "test"), default="all",
+                   help="evaluate all questions (default), or only the val or test questions of every eval set, "
+                        "taken before --ds-size (full_scale.data: positions 0,5,10,15 of each author's 20 are val, "
+                        "every 5th row of real authors/world facts); a --retain-log must have the same subset")
 
 
 def eval_job(args) -> C.EvalJob:
@@ -235,7 +249,7 @@ def eval_job(args) -> C.EvalJob:
                       allow_mismatched_logs=args.allow_mismatched_logs, gen_batch_size=args.gen_batch_size,
                       holdout_file=args.holdout_file, judge_model=args.judge_model, n_boot=args.n_boot,
                       extra_metrics=not args.no_extra_metrics, dialect=args.dialect,
-                      allow_mixed_dialects=args.allow_mixed_dialects)
+                      allow_mixed_dialects=args.allow_mixed_dialects, questions=args.questions)
     return C.EvalJob(model=args.model, out=args.out, eval=spec, device=args.device,
                      allow_pickle_weights=args.allow_pickle_weights, threads=args.threads, base_model=args.base_model)
 

@@ -44,6 +44,12 @@ REF_MODES = ("cached", "model")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GA_REDUCTIONS = ("mean", "pooled", "sum")
 DTYPES = ("auto", "float32", "bfloat16")
+#: ``adamw``: torch AdamW (decoupled weight decay); ``sgd``: plain gradient steps θ ← θ − lr·(∇L + wd·θ)
+#: (torch SGD, no momentum: the setting the divergence law is stated in)
+OPTIMIZERS = ("adamw", "sgd")
+#: ``linear``: warm-up, then linear decay to 0; ``constant``: warm-up, then lr for every step
+#: (``warmup_epochs=0`` for a constant step size from the first step)
+LR_SCHEDULES = ("linear", "constant")
 _MODEL_REQUIRED = "model is required (an HF id, a local checkpoint or tiny-llama[:SIZE])"
 
 
@@ -75,6 +81,8 @@ class RunConfig:
     data_dir: str | None = None
     warmup_epochs: float = 1.0
     weight_decay: float = 0.01
+    optimizer: str = "adamw"     #: :data:`OPTIMIZERS`
+    lr_schedule: str = "linear"  #: :data:`LR_SCHEDULES` (the warm-up of ``warmup_epochs`` applies to both)
     seed: int = 0
     max_length: int = 512
     ga_reduction: str = "mean"
@@ -108,6 +116,8 @@ class RunConfig:
             raise UserError("warmup_epochs and weight_decay must be ≥ 0 and collapse_k > 1")
         if self.collapse_questions < 0:
             raise UserError(f"collapse_questions must be ≥ 0, got {self.collapse_questions}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("ga_reduction", self.ga_reduction, GA_REDUCTIONS)
         _choice("dtype", self.dtype, DTYPES)
         get_dialect(self.dialect)
@@ -209,10 +219,14 @@ class EvalSpec:
     extra_metrics: bool = True       #: memorization, MIA, privleak, fluency and CIs (False: TOFU's metrics only)
     dialect: str = "npo-sim"         #: tokenisation, generation budget, CE precision, truth ratio (full_scale.dialects)
     allow_mixed_dialects: bool = False  #: a retain log of another dialect: compared anyway (else an error)
+    questions: str = "all"           #: all, or the val/test questions of every eval set (full_scale.data)
 
     def __post_init__(self) -> None:
+        from .data import QUESTION_SUBSETS
+
         _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens", "n_boot"))
         get_dialect(self.dialect)
+        _choice("questions", self.questions, QUESTION_SUBSETS)
         if self.gen_batch_size is not None:
             _at_least_1(self, ("gen_batch_size",))
 
@@ -273,6 +287,18 @@ class EvalJob:
         return {"command": "eval", "model": self.model, "out": self.out, "device": self.device,
                 **({"base_model": self.base_model} if self.base_model is not None else {}),
                 **dataclasses.asdict(self.eval)}
+
+
+def saved_defaults(command: str) -> tuple[dict, dict]:
+    """``(top-level, eval)`` field defaults of a ``config.json`` written by ``command``. A field added after
+    a run was saved is given a default that keeps the old behaviour, so an older ``config.json`` that lacks
+    it is read as that default (:func:`full_scale.checkpoint.check_run_dir`: the run still resumes)."""
+    def defaults(*classes) -> dict:
+        return {f.name: f.default for c in classes for f in dataclasses.fields(c)
+                if f.default is not dataclasses.MISSING}
+
+    task = FinetuneSpec if command == "finetune" else UnlearnSpec
+    return defaults(RunConfig, task), defaults(EvalSpec)
 
 
 def check_out_file(path) -> None:

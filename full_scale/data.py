@@ -10,15 +10,27 @@ the prompt, and the answer tokens plus EOS as targets. BOS is prepended when the
 (fine-tuning, unlearning, reference log-probs, evaluation) goes through this one function.
 
 tofu-mini (the CPU preset): the 20 authors of ``forget10`` (the last 400 QA pairs of ``full``, all
-with paraphrased/perturbed answers in ``forget10_perturbed``). ``forget10/20/50`` are the last
-2/4/10 of those authors and ``retain90/80/50`` the rest. Tiny models start from nothing, so the mini
-fine-tuning corpus adds the ``real_authors`` and ``world_facts`` QA as general knowledge that both
-the target and the retain model learn (a deviation from TOFU, documented in the README).
+with paraphrased/perturbed answers in ``forget10_perturbed``). ``forget10/20/50/90`` are the last
+2/4/10/18 of those authors and ``retain90/80/50/10`` the rest (``retain10``: the first 2 authors).
+Tiny models start from nothing, so the mini fine-tuning corpus adds the ``real_authors`` and
+``world_facts`` QA as general knowledge that both the target and the retain model learn (a deviation
+from TOFU, documented in the README).
 
 The tofu-mini **holdout** (:func:`mini_holdout`), the non-members of the membership-inference attacks
 and privleak: the 10 authors just before the pool in ``full.json`` (authors 170-179 counting from 0,
 rows 3400-3599, 200 QA). Neither the mini target nor the mini oracle is trained on them. On full
 TOFU a holdout file is passed (:func:`load_holdout`, e.g. open-unlearning's holdout01/05/10).
+
+**Validation / test questions** (:func:`question_subset`, ``EvalSpec.questions``), so that a tuning
+grid selects on some evaluation questions and reports on disjoint ones. The rule is fixed and per
+author: within each author's block of 20 QA pairs (TOFU's author sets start on an author boundary,
+so a row's position in its block is its index in the set mod 20, which is also its ``full.json`` row
+index mod 20), the questions at positions 0, 5, 10, 15 are ``val`` and the other 16 are ``test``.
+Sets that are not author blocks (``real_authors``, ``world_facts``) take every 5th row overall
+(indices 0, 5, 10, ...) as ``val``. ``all`` keeps every row. The subset is taken before an eval set is
+cut to ``ds_size`` rows. An eval log of ``val``/``test`` says so under its ``questions`` key (absent:
+``all``, byte-identical to logs from before the subsets), and forget quality against a retain log of
+another subset is refused (``--allow-mismatched-logs``: compared anyway, with a note).
 """
 
 from __future__ import annotations
@@ -169,9 +181,38 @@ def _load_hub(name: str, kind: str) -> list:
 # tofu-mini
 # --------------------------------------------------------------------------------------------------
 #: mini forget split -> number of authors forgotten (out of the 20 authors of forget10)
-MINI_FORGET_AUTHORS = {"forget10": 2, "forget20": 4, "forget50": 10}
-MINI_RETAIN_OF = {"forget10": "retain90", "forget20": "retain80", "forget50": "retain50"}
+MINI_FORGET_AUTHORS = {"forget10": 2, "forget20": 4, "forget50": 10, "forget90": 18}
+MINI_RETAIN_OF = {"forget10": "retain90", "forget20": "retain80", "forget50": "retain50", "forget90": "retain10"}
 MINI_N_AUTHORS = 20
+
+
+# --------------------------------------------------------------------------------------------------
+# validation / test questions of the eval sets
+# --------------------------------------------------------------------------------------------------
+QUESTION_SUBSETS = ("all", "val", "test")
+#: positions (within an author's block of AUTHOR_SIZE QA) of the validation questions
+VAL_POSITIONS = (0, 5, 10, 15)
+#: sets that are not author blocks: every VAL_EVERY-th row (from row 0) is a validation question
+VAL_EVERY = 5
+
+
+def is_val_question(index: int, author_blocks: bool = True) -> bool:
+    """Whether row ``index`` of an eval set is a validation question (module docstring: the rule)."""
+    return index % AUTHOR_SIZE in VAL_POSITIONS if author_blocks else index % VAL_EVERY == 0
+
+
+def question_subset(rows: Sequence, subset: str, author_blocks: bool = True) -> list:
+    """The ``subset`` (``all``/``val``/``test``) of an eval set's rows, in order. ``author_blocks``: the
+    rows are whole TOFU authors of 20 QA from an author boundary (else every 5th row is ``val``)."""
+    if subset not in QUESTION_SUBSETS:
+        raise UserError(f"unknown question subset {subset!r}; choose {', '.join(QUESTION_SUBSETS)}")
+    if subset == "all":
+        return list(rows)
+    if author_blocks and len(rows) % AUTHOR_SIZE:
+        raise UserError(f"an author eval set of {len(rows)} rows is not whole authors of {AUTHOR_SIZE} QA: "
+                        "no val/test split")
+    want = subset == "val"
+    return [r for i, r in enumerate(rows) if is_val_question(i, author_blocks) == want]
 
 
 def _mini_name(name: str) -> str:
@@ -185,7 +226,7 @@ def mini_pool(data_dir=None) -> list[dict]:
 
 
 def mini_splits(name: str, data_dir=None) -> tuple[list[dict], list[dict]]:
-    """``(forget_rows, retain_rows)`` of tofu-mini ``mini-forget10/20/50`` (or ``forget10`` ...)."""
+    """``(forget_rows, retain_rows)`` of tofu-mini ``mini-forget10/20/50/90`` (or ``forget10`` ...)."""
     key = _mini_name(name)
     if key not in MINI_FORGET_AUTHORS:
         raise UserError(f"unknown tofu-mini forget split {name!r}; valid: "
@@ -196,7 +237,7 @@ def mini_splits(name: str, data_dir=None) -> tuple[list[dict], list[dict]]:
 
 
 def mini_retain(name: str, data_dir=None) -> list[dict]:
-    """tofu-mini ``retain90/80/50``: the authors of the pool not in the matching forget split."""
+    """tofu-mini ``retain90/80/50/10``: the authors of the pool not in the matching forget split."""
     key = _mini_name(name)
     inv = {v: k for k, v in MINI_RETAIN_OF.items()}
     if key not in inv:

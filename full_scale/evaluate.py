@@ -21,7 +21,17 @@ import torch
 from npo_sim.runio import UserError, jsonable, write_csv, write_json
 
 from . import data
-from .aggregate import DIALECT_KEY, FORGET_KEYS, NEED_FQ, UTILITY_KEYS, aggregate, load_retain_log, task_log
+from .aggregate import (
+    DIALECT_KEY,
+    FORGET_KEYS,
+    NEED_FQ,
+    QUESTIONS_KEY,
+    UTILITY_KEYS,
+    aggregate,
+    load_retain_log,
+    log_questions,
+    task_log,
+)
 from .config import EvalJob, EvalSpec
 from .data import encode_qa, get_format, pad_batch
 from .dialects import get_dialect
@@ -36,7 +46,7 @@ from .logprobs import forward_logits, logprobs_from_logits, shifted
 #: forget splits with their own perturbed file; the others borrow forget10_perturbed (as the NPO paper)
 _OWN_PERTURBED = ("forget01", "forget05", "forget10")
 _BORROWS_PERTURBED = ("forget20", "forget30", "forget50", "forget90")
-MINI_SPLITS = ("mini-forget10", "mini-forget20", "mini-forget50")
+MINI_SPLITS = tuple(f"mini-{k}" for k in data.MINI_FORGET_AUTHORS)  # mini-forget10/20/50/90
 
 
 @dataclass(frozen=True)
@@ -50,14 +60,17 @@ class EvalItem:
     perturbed: tuple[str, ...]
 
 
-def eval_sets(forget_split: str, data_dir=None,
-              ds_size: int = 300) -> tuple[dict[str, list[EvalItem]], dict[str, str], list[str]]:
+def eval_sets(forget_split: str, data_dir=None, ds_size: int = 300,
+              questions: str = "all") -> tuple[dict[str, list[EvalItem]], dict[str, str], list[str]]:
     """``(items per TOFU log key, source per key, notes)`` for ``forget_split``.
 
     forget01/05/10 use their ``_perturbed`` file; forget20/30/50/90 use ``forget10_perturbed`` (as the
-    NPO paper did; noted). ``mini-forget10/20/50`` (tofu-mini) take forget *and* retain questions from
-    the 20 forget10 authors, since a tiny model never saw ``retain_perturbed``'s authors. Each set is
-    cut to its first ``ds_size`` rows, as TOFU does.
+    NPO paper did; noted). ``mini-forget10/20/50/90`` (tofu-mini) take forget *and* retain questions
+    from the 20 forget10 authors, since a tiny model never saw ``retain_perturbed``'s authors (for
+    ``mini-forget90`` the retain set is the 2 remaining authors, 40 QA). ``questions`` ``val``/``test``
+    keeps that subset of every set (:func:`full_scale.data.question_subset`: positions 0, 5, 10, 15 of
+    each author; every 5th row of real authors and world facts). Each set is then cut to its first
+    ``ds_size`` rows, as TOFU does (a set smaller than ``ds_size`` is taken whole).
     """
     if ds_size < 1:
         raise UserError(f"ds_size must be ≥ 1, got {ds_size}")
@@ -85,15 +98,16 @@ def eval_sets(forget_split: str, data_dir=None,
         "eval_real_world_wo_options.json": "world_facts_perturbed",
         "eval_log_forget.json": forget_src,
     }
-    rows = {
-        "eval_log.json": (retain_rows, "paraphrased_answer"),
-        "eval_real_author_wo_options.json": (data.load_split("real_authors_perturbed", data_dir), "answer"),
-        "eval_real_world_wo_options.json": (data.load_split("world_facts_perturbed", data_dir), "answer"),
-        "eval_log_forget.json": (forget_rows, "paraphrased_answer"),
+    rows = {  # key: (rows, base answer, the rows are whole authors)
+        "eval_log.json": (retain_rows, "paraphrased_answer", True),
+        "eval_real_author_wo_options.json": (data.load_split("real_authors_perturbed", data_dir), "answer", False),
+        "eval_real_world_wo_options.json": (data.load_split("world_facts_perturbed", data_dir), "answer", False),
+        "eval_log_forget.json": (forget_rows, "paraphrased_answer", True),
     }
     sets = {
-        key: [EvalItem(r["question"], r["answer"], r[base], tuple(r["perturbed_answer"])) for r in rs[:ds_size]]
-        for key, (rs, base) in rows.items()
+        key: [EvalItem(r["question"], r["answer"], r[base], tuple(r["perturbed_answer"]))
+              for r in data.question_subset(rs, questions, authors)[:ds_size]]
+        for key, (rs, base, authors) in rows.items()
     }
     return sets, sources, notes
 
@@ -319,12 +333,18 @@ def prepare_eval(spec: EvalSpec) -> Prepared:
     """The retain log, eval sets, holdout and judge checkpoint of ``spec``, loaded and validated before
     any model work.
 
-    A retain log whose forget set has another sample count than this evaluation's is an error unless
-    ``spec.allow_mismatched_logs`` (then ``summary.json`` carries a note). A holdout that shares a
+    A retain log whose forget set has another sample count than this evaluation's, or that was evaluated on
+    another question subset (``questions``), is an error unless ``spec.allow_mismatched_logs`` (then
+    ``summary.json`` carries a note). A holdout that shares a
     question with the forget set is an error; a judge directory is checked like ``--model``."""
     retain = load_retain_log(spec.retain_log)
-    sets, sources, notes = eval_sets(spec.forget_split, spec.data_dir, spec.ds_size)
+    sets, sources, notes = eval_sets(spec.forget_split, spec.data_dir, spec.ds_size, spec.questions)
     if retain is not None and not spec.allow_mismatched_logs:
+        q_retain = log_questions(retain, str(spec.retain_log))
+        if q_retain != spec.questions:
+            raise UserError(f"mismatched logs: the retain log {spec.retain_log} was evaluated on the {q_retain!r} "
+                            f"questions, this evaluation on {spec.questions!r} (--questions); pass "
+                            "--allow-mismatched-logs to compare them anyway")
         n_retain = task_log(retain, "forget", NEED_FQ, str(spec.retain_log)).n
         n = len(sets["eval_log_forget.json"])
         if n != n_retain:
@@ -397,11 +417,14 @@ def run_eval(model, tokenizer, fmt, spec: EvalSpec, prepared: Prepared | None = 
     log = evaluate_model(model, tokenizer, fmt, sets, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
                          gen_batch_size=spec.gen_batch_size, extra=extra, dialect=spec.dialect)
     log[DIALECT_KEY] = spec.dialect
+    if spec.questions != "all":  # absent = all questions (as in logs written before the subsets existed)
+        log[QUESTIONS_KEY] = spec.questions
     stats = aggregate(log, prepared.retain, ckpt_name="evaluated model", retain_name="retain log",
                       truth_ratio=get_dialect(spec.dialect).truth_ratio, allow_mixed_dialects=spec.allow_mixed_dialects)
     summary = {
         **{k: v for k, v in stats.items() if k != "notes"},
         "dialect": spec.dialect,
+        "questions": spec.questions,
         "forget_split": spec.forget_split,
         "eval_sets": {k: {"source": sources[k], "n": len(v)} for k, v in sets.items()},
         "notes": prepared.notes + stats["notes"],

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from npo_sim.runio import UserError
 
+from .data import MINI_FORGET_AUTHORS
+
 MB = 2 ** 20
 GB = 2 ** 30
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
@@ -352,11 +354,16 @@ def gradient_bytes(n_train: int, prec: dict, launcher: Launcher) -> float:
     return shard(n_train * prec["grad"], launcher)
 
 
-def optimizer_bytes(n_train: int, prec: dict, launcher: Launcher) -> float:
+#: what ``npo-tofu --optimizer`` takes (:data:`full_scale.config.OPTIMIZERS`)
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def optimizer_bytes(n_train: int, prec: dict, launcher: Launcher, optimizer: str = "adamw") -> float:
     """AdamW: two moments (``b_m`` = 8 bytes in fp32 and bf16 mixed, 4 in pure bf16) plus the fp32 master
     copy under bf16 mixed precision (``b_master`` = 4): ``N_train · (b_m + b_master)``, sharded under
-    FSDP/ZeRO-3."""
-    return shard(n_train * (prec["moments"] + prec["master"]), launcher)
+    FSDP/ZeRO-3. SGD without momentum keeps no moments (``b_m`` = 0): the master copy only."""
+    moments = 0 if optimizer == "sgd" else prec["moments"]
+    return shard(n_train * (moments + prec["master"]), launcher)
 
 
 def snapshot_bytes(n_train: int, prec: dict, launcher: Launcher) -> float:
@@ -508,9 +515,9 @@ def forward_flops_per_token(N: int, attn: float) -> float:
 # the plan
 # --------------------------------------------------------------------------------------------------
 #: forget split -> examples (TOFU: 200 authors × 20 questions; forgetXX = XX % of 4000); tofu-mini
-#: (``--preset mini``): the 20 authors of its pool, forget10/20/50 = 2/4/10 authors
+#: (``--preset mini``): the 20 authors of its pool, forget10/20/50/90 = 2/4/10/18 authors
 TOFU_EXAMPLES = 4000
-MINI_FORGET = {"forget10": 40, "forget20": 80, "forget50": 200}
+MINI_FORGET = {k: 20 * n for k, n in MINI_FORGET_AUTHORS.items()}   # 20 QA per author
 
 
 def split_examples(split: str, preset: str = "tofu") -> int:
@@ -544,6 +551,7 @@ class PlanRequest:
     lora_r: int = 8
     lora_targets: tuple[str, ...] | str | None = None
     dtype: str = "bf16"
+    optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     ref_mode: str = "cached"
     stop_on_collapse: bool = False
@@ -628,6 +636,8 @@ def make_plan(req: PlanRequest) -> Plan:
         _positive("lora-r", req.lora_r)
     if req.dtype not in PRECISIONS:
         raise UserError(f"dtype must be one of {', '.join(PRECISIONS)}, got {req.dtype!r}")
+    if req.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {req.optimizer!r}")
     if req.device not in ("gpu", "cpu"):
         raise UserError(f"device must be gpu or cpu, got {req.device!r}")
     if req.tflops is not None and not (req.tflops > 0 and math.isfinite(req.tflops)):
@@ -656,7 +666,7 @@ def make_plan(req: PlanRequest) -> Plan:
     parts = {
         "parameters": parameter_bytes(P, prec, launcher),
         "gradients": gradient_bytes(n_train, prec, launcher),
-        "optimizer": optimizer_bytes(n_train, prec, launcher),
+        "optimizer": optimizer_bytes(n_train, prec, launcher, req.optimizer),
         "theta0 snapshot": snapshot_bytes(n_train, prec, launcher),
         "activations": (activation_bytes(arch, prec, bt * len(st.grad), bt * len(st.kl), bt,
                                          req.gradient_checkpointing,
@@ -759,7 +769,8 @@ def format_plan(p: Plan, fits: list[dict] | None = None) -> str:
     lines = [
         f"plan: {r.method} on {p.arch.name} ({p.arch_params:,} parameters; trainable {p.trainable:,}, {mode})",
         f"  {p.launcher.name}: {p.launcher.processes} process(es), sharding {p.launcher.sharding}; "
-        f"{r.dtype}; batch {r.batch_size} x accum {r.grad_accum} x {p.launcher.processes} = "
+        f"{r.dtype}{'; sgd (no moments)' if r.optimizer == 'sgd' else ''}; "
+        f"batch {r.batch_size} x accum {r.grad_accum} x {p.launcher.processes} = "
         f"{r.batch_size * r.grad_accum * p.launcher.processes}; seq {r.seq_len}; "
         f"gradient checkpointing {'on' if r.gradient_checkpointing else 'off'}; ref mode {r.ref_mode}; "
         f"dialect {r.dialect}",
@@ -812,8 +823,8 @@ def plan_dict(p: Plan, fits: list[dict] | None = None) -> dict:
 # the command line (``npo-tofu plan``; registered in full_scale.cli)
 # --------------------------------------------------------------------------------------------------
 #: defaults of the flags a recipe does not set
-_DEFAULTS = dict(batch_size=4, grad_accum=8, dtype="bf16", epochs=10, accelerate="single_gpu", forget="forget10",
-                 preset="tofu")
+_DEFAULTS = dict(batch_size=4, grad_accum=8, dtype="bf16", optimizer="adamw", epochs=10, accelerate="single_gpu",
+                 forget="forget10", preset="tofu")
 
 
 def add_arguments(p) -> None:
@@ -841,6 +852,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=tuple(PRECISIONS), default=None,
                    help="bf16: mixed (fp32 master + fp32 AdamW moments; default); fp32; bf16-pure: bf16 weights, "
                         "grads and moments (npo-tofu --dtype bfloat16 on one device)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw (default: two moments per trainable parameter) or sgd (no momentum: no moments)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--ref-mode", choices=("cached", "model"), default="cached")
     p.add_argument("--stop-on-collapse", action="store_true",
@@ -874,7 +887,7 @@ def request_from_args(args) -> PlanRequest:
     lora = args.lora_r is not None
     return PlanRequest(model=pick("model"), method=args.method, batch_size=pick("batch_size"),
                        grad_accum=pick("grad_accum"), seq_len=seq, lora=lora, lora_r=args.lora_r if lora else 8,
-                       lora_targets=args.lora_targets, dtype=pick("dtype"),
+                       lora_targets=args.lora_targets, dtype=pick("dtype"), optimizer=pick("optimizer"),
                        gradient_checkpointing=args.gradient_checkpointing, ref_mode=args.ref_mode,
                        stop_on_collapse=args.stop_on_collapse,
                        accelerate=pick("accelerate"), processes=args.processes, device=args.device,

@@ -5,9 +5,13 @@ micro-batch computes, and what happens around the steps, belongs to the task
 (:mod:`full_scale.tasks`); checkpoints to :mod:`full_scale.checkpoint`; the settings to the frozen
 :class:`~full_scale.config.TrainJob`.
 
-* **Schedule.** AdamW (``weight_decay``), ``warmup_epochs`` of linear warm-up (lr·(s+1)/warm) then
-  linear decay to 0 at the end. The effective batch (per-device × accumulation × processes) is printed
-  and saved in ``run.json``.
+* **Schedule.** ``--optimizer``: ``adamw`` (default; decoupled ``weight_decay``) or ``sgd`` (torch SGD,
+  no momentum: θ ← θ − lr_s·(∇L + weight_decay·θ), the plain gradient steps the divergence law is
+  stated for). ``--lr-schedule``: ``linear`` (default) is ``warmup_epochs`` of linear warm-up
+  (lr·(s+1)/warm) then linear decay to 0 at the end; ``constant`` is the same warm-up, then lr for
+  every remaining step, so ``--lr-schedule constant --warmup-epochs 0`` is a constant step size from
+  the first step (the warm-up default is 1 epoch under both). The effective batch (per-device ×
+  accumulation × processes) is printed and saved in ``run.json``.
 * **Batches.** Each epoch's seeded example order is cut into optimizer steps; each step into
   ``processes × accumulation`` near-equal parts (an empty part carries weight 0). Each part's loss is
   weighted by its share of the step, so any split gives the same update.
@@ -49,7 +53,7 @@ import torch
 from npo_sim.runio import NonFiniteLoss, UserError, check_out_dir, write_csv, write_json
 
 from . import checkpoint
-from .config import Launch, TrainJob
+from .config import LR_SCHEDULES, Launch, TrainJob
 from .models import add_lora, enable_gradient_checkpointing, load_model, resolve_checkpoint
 from .tasks import TASKS, Session
 
@@ -58,13 +62,27 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 FSDP_CPU_ENV = "NPO_TOFU_FSDP_CPU"
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up lr·(s+1)/warm, then linear decay to 0 at ``total_steps``."""
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "linear"):
+    """The lr factor of step ``s``: linear warm-up (s+1)/warm, then ``linear`` decay to 0 at
+    ``total_steps`` or ``constant`` 1."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return f
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``params`` at ``cfg.lr`` with ``cfg.weight_decay`` (SGD: no momentum, so its
+    coupled L2 decay is the same step as a decoupled one)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def epoch_steps(n: int, per_step: int, seed: int, epoch: int) -> list[list[int]]:
@@ -220,8 +238,8 @@ def run(job: TrainJob, launch: Launch) -> int:
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     # θ_0 of param_dist, taken before resumed weights load (sharded runs: this rank's shards, after prepare)
     params0 = None if sharded else [p.detach().clone() for p in trainable]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps))
+    opt = make_optimizer(trainable, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, cfg.lr_schedule))
 
     # ---- resume, prepare, the reference (built once)
     if acc.distributed_type.name == "DEEPSPEED":  # no dataloader is prepared, so accelerate cannot fill in "auto"
@@ -254,7 +272,7 @@ def run(job: TrainJob, launch: Launch) -> int:
     if acc.is_main_process:
         print(f"[{command}] effective batch = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x "
               f"{world} processes = {per_step} examples/step; {task.n} examples, {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps, warm-up {warmup}", flush=True)
+              f"{total_steps} steps, warm-up {warmup}; {cfg.optimizer}, {cfg.lr_schedule} lr {cfg.lr:g}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", job.to_json())
         reference.save(out)
