@@ -433,15 +433,86 @@ def compare_dialects_main(args) -> int:
 # the command line
 # --------------------------------------------------------------------------------------------------
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    from .plan import add_arguments
+    """The flags of ``npo-tofu plan`` (:mod:`full_scale.plan`)."""
+    from .dialects import DEFAULT, DIALECTS
+    from .plan import A100_BF16_PEAK, BUILTIN_CONFIGS, DEFAULT_MFU, OPTIMIZERS, PRECISIONS, RECIPES
 
-    add_arguments(p)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="start from a known recipe (paper-llama2-7b: Llama-2-7b-chat, forget10, 4x8, 500 tokens, bf16, "
+                        "10 epochs) and print the fits table; other flags override it")
+    p.add_argument("--model", default=None,
+                   help="config.json, model or run directory, tiny-llama[:SIZE], or one of "
+                        + ", ".join(BUILTIN_CONFIGS))
+    p.add_argument("--method", required=True, help="an npo_sim.losses.OBJECTIVES name (npo, npo_rt, npo_kl, ...)")
+    p.add_argument("--dialect", choices=tuple(DIALECTS), default=DEFAULT, help="default max length comes from it")
+    p.add_argument("--forget", default=None, help="forget split: examples per epoch (forget10 = 400; default forget10)")
+    p.add_argument("--preset", choices=("tofu", "mini"), default=None, help="mini: tofu-mini's forget sets (40/80/200)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-device micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 8)")
+    p.add_argument("--seq-len", "--max-length", dest="seq_len", type=int, default=None,
+                   help="tokens per example, padded (default: the dialect's max length)")
+    p.add_argument("--epochs", type=int, default=None, help="default 10")
+    p.add_argument("--lora-r", type=int, default=None, help="plan LoRA of this rank (default: full fine-tuning)")
+    p.add_argument("--lora-targets", default=None, help="comma list of module names, or all-linear "
+                                                        "(default: npo-tofu's, q/k/v/o_proj)")
+    p.add_argument("--dtype", choices=tuple(PRECISIONS), default=None,
+                   help="bf16: mixed (fp32 master + fp32 AdamW moments; default); fp32; bf16-pure: bf16 weights, "
+                        "grads and moments (npo-tofu --dtype bfloat16 on one device)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw (default: two moments per trainable parameter) or sgd (no momentum: no moments)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--ref-mode", choices=("cached", "model"), default="cached")
+    p.add_argument("--stop-on-collapse", action="store_true",
+                   help="the run forwards the retain batch every step for its NLL (methods without a retain term)")
+    p.add_argument("--accelerate", default=None,
+                   help="accelerate yaml path or a name in full_scale/accelerate "
+                        "(single_gpu, ddp, fsdp, deepspeed_zero3; default single_gpu)")
+    p.add_argument("--processes", type=int, default=None, help="override the config's num_processes")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="selects the runtime overhead")
+    p.add_argument("--tflops", type=float, default=None,
+                   help=f"sustained TFLOP/s per device (default {DEFAULT_MFU} x {A100_BF16_PEAK:g}, "
+                        "an A100's dense bf16 peak)")
+    p.add_argument("--overhead-mb", type=float, default=None, help="runtime overhead per device, MB (default: stated)")
+    p.add_argument("--fits", action="store_true", help="print the fits table (1x80, 2x40, 8x24 GB) too")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def plan_request(args):
+    """The :class:`~full_scale.plan.PlanRequest` of parsed flags: explicit flags, then the recipe, then
+    :data:`~full_scale.plan.PLAN_DEFAULTS`."""
+    from .dialects import get_dialect
+    from .plan import PLAN_DEFAULTS, RECIPES, PlanRequest
+
+    base = dict(RECIPES[args.recipe]) if args.recipe else {}
+    if args.model is None and "model" not in base:
+        raise UserError("--model is required (or --recipe)")
+
+    def pick(name):
+        v = getattr(args, name, None)
+        return v if v is not None else base.get(name, PLAN_DEFAULTS.get(name))
+
+    seq = pick("seq_len") or get_dialect(args.dialect).max_length
+    lora = args.lora_r is not None
+    return PlanRequest(model=pick("model"), method=args.method, batch_size=pick("batch_size"),
+                       grad_accum=pick("grad_accum"), seq_len=seq, lora=lora, lora_r=args.lora_r if lora else 8,
+                       lora_targets=args.lora_targets, dtype=pick("dtype"), optimizer=pick("optimizer"),
+                       gradient_checkpointing=args.gradient_checkpointing, ref_mode=args.ref_mode,
+                       stop_on_collapse=args.stop_on_collapse,
+                       accelerate=pick("accelerate"), processes=args.processes, device=args.device,
+                       dialect=args.dialect, forget=pick("forget"), preset=pick("preset"), epochs=pick("epochs"),
+                       tflops=args.tflops, overhead_mb=args.overhead_mb)
 
 
 def plan_main(args) -> int:
-    from .plan import main
+    from .plan import fits_table, format_plan, make_plan, plan_dict
 
-    return main(args)
+    req = plan_request(args)
+    if args.lora_r is not None and args.lora_r < 1:
+        raise UserError(f"lora-r must be >= 1, got {args.lora_r}")
+    p = make_plan(req)
+    fits = fits_table(req) if (args.fits or args.recipe) else None
+    print(json.dumps(plan_dict(p, fits), indent=2) if args.json else format_plan(p, fits))
+    return 0
 
 
 #: command -> (help, add arguments, main)

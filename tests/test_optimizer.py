@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from full_scale import config as C
 from full_scale import plan as P
 from full_scale.checkpoint import check_run_dir
-from full_scale.cli import finetune_job, parser
+from full_scale.cli import finetune_job, parser, plan_request
 from full_scale.cli import main as cli
 from full_scale.models import load_model
 from full_scale.tasks import FinetuneTask, Reference
@@ -132,6 +132,6 @@ def test_plan_counts_no_moments_for_sgd():
         assert sgd.memory.parts["optimizer"] == n * per_param
         assert adamw.memory.parts["optimizer"] == n * (P.PRECISIONS[dtype]["moments"] + P.PRECISIONS[dtype]["master"])
     args = parser().parse_args(["plan", "--model", "tiny-llama:1m", "--method", "npo", "--optimizer", "sgd"])
-    assert P.request_from_args(args).optimizer == "sgd"
+    assert plan_request(args).optimizer == "sgd"
     with pytest.raises(UserError, match="optimizer must be one of"):
         P.make_plan(P.PlanRequest(model="tiny-llama:1m", method="npo", optimizer="adam"))
