@@ -82,11 +82,10 @@ def check_run_dir(out: Path, config: dict, resume: bool) -> None:
     if not isinstance(old, dict):
         raise UserError(f"{path}: expected a JSON object")
     new = json.loads(json.dumps(jsonable(config)))
-    top, ev = saved_defaults(str(new.get("command")))
+    top, ev = (json.loads(json.dumps(jsonable(d))) for d in saved_defaults(str(new.get("command"))))  # as JSON
     old = {**{k: v for k, v in top.items() if k in new}, **old}
     if isinstance(old.get("eval"), dict) and isinstance(new.get("eval"), dict):
         old["eval"] = {**{k: v for k, v in ev.items() if k in new["eval"]}, **old["eval"]}
-    old, new = (json.loads(json.dumps(jsonable(x))) for x in (old, new))   # defaults as JSON (tuples -> lists)
     keys = (set(new) | set(old)) - set(LOCATION_FIELDS)
     diff = sorted(k for k in keys if old.get(k) != new.get(k))
     if diff:
