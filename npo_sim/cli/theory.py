@@ -47,7 +47,7 @@ def config_from_args(args) -> TheoryConfig:
 
 def main(args) -> int:
     from .. import losses
-    from ..settings.logistic_data import SUPPLIES
+    from ..settings.logistic_config import SUPPLIES
 
     cfg = config_from_args(args)
     skipped = losses.skip_note("the logistic lab", SUPPLIES, losses.methods(retain_free=True))

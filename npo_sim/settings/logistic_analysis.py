@@ -24,7 +24,7 @@ from ..losses import FORGET_TERMS, OBJECTIVES, get_objective
 from ..metrics import exponents, linear_fit, log_fit, power_fit
 
 if TYPE_CHECKING:
-    from .logistic import TheoryConfig
+    from .logistic_config import TheoryConfig
 
 #: exact single-sample gradient flows (:mod:`npo_sim.theory`) that a simulated n_f = 1 run is checked
 #: against, keyed by forget term (``Objective.forget``): the flow is a fact of the term's formula, and the

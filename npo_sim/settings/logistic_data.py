@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..runio import UserError
 
 if TYPE_CHECKING:
-    from .logistic import TheoryConfig
+    from .logistic_config import TheoryConfig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,11 +142,6 @@ def make_data(n_f: int, d: int, seed: int, cfg: TheoryConfig, keep_features: boo
 # --------------------------------------------------------------------------------------------------
 # the adapter: per-example log-likelihoods from the reduced parameters
 # --------------------------------------------------------------------------------------------------
-#: the inputs the lab supplies: one token per example, two classes (the forget label and the other, which
-#: plays the IDK answer), no retain set and no activations (RMU and every retain term are skipped)
-SUPPLIES = frozenset({"logp", "logp_ref", "idk_logp", "idk_logp_ref", "length", "token_logp", "ref_token_logp",
-                      "token_mask", "forget_logits", "forget_ref_logits", "forget_labels"})
-
 #: θ-side inputs as functions of the margins ``m`` (shape ``(..., n)``); the references are the same at m0
 MARGIN_INPUTS = {
     "logp": lambda m: F.logsigmoid(m),

@@ -19,7 +19,7 @@ from .. import unlearn
 from ..losses import OBJECTIVES, LossTerms, Objective, get_objective
 
 if TYPE_CHECKING:
-    from .mixture import MethodSpec, MixtureData
+    from .mixture_config import MethodSpec, MixtureData
 
 CURVE_COLUMNS = ("method", "seed", "step", "forget_distance", "retain_distance", "param_distance",
                  "forget_loss", "forget_nll", "retain_loss")

@@ -27,7 +27,7 @@ from ..losses import paper_table1
 
 if TYPE_CHECKING:
     from ..study import Results
-    from .mixture import SyntheticConfig
+    from .mixture_config import SyntheticConfig
 
 #: where the paper's "below the threshold" finding is read (its Figure 3 runs to about this step)
 HORIZON = 1200
