@@ -373,6 +373,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     _lora_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
+    p.add_argument("--until", default=None, choices=("finetune", "eval", "unlearn"),
+                   help="run the stages up to this kind (and those it needs), then stop without the report")
 
 
 _STUDY_FLAGS = ("preset", "model", "epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "grad_accum",
@@ -391,7 +393,7 @@ def study_main(args) -> int:
         raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
     cfg = study_config(forget=comma_list(args.forget), retain=comma_list(args.retain),
                        methods=comma_list(args.methods), seeds=seeds, **{k: getattr(args, k) for k in _STUDY_FLAGS})
-    return run_study(cfg, dry_run=args.dry_run, report_only=args.report_only)
+    return run_study(cfg, dry_run=args.dry_run, report_only=args.report_only, until=args.until)
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
