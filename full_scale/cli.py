@@ -338,8 +338,23 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forget", default=None,
                    help="comma list (mini default mini-forget10,mini-forget50; tofu default forget10)")
     p.add_argument("--retain", default=None, help="comma list aligned with --forget (default: the complements)")
-    p.add_argument("--methods", default=",".join(methods("tofu-mini")), help="comma list of npo_sim.losses objectives")
-    p.add_argument("--epochs", type=int, default=None, help="unlearning epochs (preset default: 10)")
+    p.add_argument("--methods", default=None, help="comma list of npo_sim.losses objectives (default: all "
+                   f"{len(methods())})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="unlearning epochs: the grid's epoch axis, 1..EPOCHS (mini 5, tofu 10)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-sized mini study: tiny-llama 1M, mini-forget10, ga and npo, 2 seeds, 1-epoch runs")
+    p.add_argument("--lr-schedule", default=None, choices=("linear", "constant"),
+                   help="of the unlearning runs (preset default constant, so epoch k of a run is a k-epoch run)")
+    p.add_argument("--grid-lrs", default=None, help="comma list: the tuning grid's lrs (mini 3e-4,1e-3,3e-3)")
+    p.add_argument("--grid-betas", default=None,
+                   help="comma list of factors x the registry beta of NPO-family methods (default 1,5)")
+    p.add_argument("--tune-split", default=None, help="forget split of the grid (default: the first)")
+    p.add_argument("--mu-fraction", type=float, default=None, help="MU floor of the selection, x target MU (0.9)")
+    p.add_argument("--law-lr", type=float, default=None,
+                   help="lr of the SGD constant-step divergence-law runs (mini 0.01; tofu: none)")
+    p.add_argument("--law-epochs", type=int, default=None, help="epochs of the law runs (20)")
+    p.add_argument("--law-methods", default=None, help="comma list (default: the study's methods)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (preset default)")
     p.add_argument("--lr", type=float, default=None, help="unlearning lr (preset default)")
     p.add_argument("--finetune-lr", type=float, default=None)
@@ -351,7 +366,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--eval-ds-size", type=int, default=None, help="questions per eval set (mini 40, tofu 300)")
     p.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy tokens for ROUGE (mini 32, tofu 128)")
-    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=None, help="eval batch (mini 64: all questions at once; 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each stage")
     p.add_argument("--launcher", default=None,
                    help="prefix of training stages, e.g. "
@@ -365,8 +380,9 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None,
                    help="comma list of unlearning seeds, e.g. 0,1,2 (default: --seed); the report adds the mean and "
                         "95%% t-interval across them (seeds.md)")
-    p.add_argument("--select", default="last", choices=("last",),
-                   help="the declared model selection, recorded in the outputs: last = every run's last epoch")
+    p.add_argument("--select", default=None, choices=("last", "val"),
+                   help="the declared model selection, recorded in the outputs (preset default val: the grid on the "
+                        "validation questions; last: one run per method at --lr, its last epoch)")
     p.add_argument("--holdout-file", default=None,
                    help="non-member QA for the MIA AUCs/privleak of every eval (tofu-mini: its own holdout)")
     _dialect_argument(p)
@@ -380,6 +396,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 _STUDY_FLAGS = ("preset", "model", "epochs", "finetune_epochs", "lr", "finetune_lr", "batch_size", "grad_accum",
                 "seed", "out", "figures", "data_dir", "eval_ds_size", "eval_max_new_tokens", "eval_batch_size",
                 "threads", "launcher", "theory_dir", "markov_dir", "train_args", "jobs", "select", "holdout_file",
+                "lr_schedule", "tune_split", "mu_fraction", "law_lr", "law_epochs", "quick",
                 "dialect", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora",
                 "gradient_checkpointing")
 
@@ -391,8 +408,16 @@ def study_main(args) -> int:
         seeds = tuple(int(x) for x in comma_list(args.seeds))
     except ValueError:
         raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    floats = {}
+    for name in ("grid_lrs", "grid_betas"):
+        try:
+            floats[name] = tuple(float(x) for x in comma_list(getattr(args, name)))
+        except ValueError:
+            raise UserError(f"--{name.replace('_', '-')} must be a comma list of numbers, "
+                            f"got {getattr(args, name)!r}") from None
     cfg = study_config(forget=comma_list(args.forget), retain=comma_list(args.retain),
-                       methods=comma_list(args.methods), seeds=seeds, **{k: getattr(args, k) for k in _STUDY_FLAGS})
+                       methods=tuple(comma_list(args.methods)), law_methods=tuple(comma_list(args.law_methods)),
+                       seeds=seeds, **floats, **{k: getattr(args, k) for k in _STUDY_FLAGS})
     return run_study(cfg, dry_run=args.dry_run, report_only=args.report_only, until=args.until)
 
 

@@ -55,15 +55,35 @@ REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_cur
 #: the divergence law Theorem 2 predicts for the side-by-side fits (a claim about these two methods)
 LAW = {"ga": "linear", "npo": "log"}
 #: declared model-selection rules (the report shows the selected epoch of every run)
-SELECTIONS = {"last": "the last epoch of every run (nothing is picked on the test set)"}
+SELECTIONS = {
+    "last": "one run per method at --lr and --epochs, reported at its last epoch (nothing is picked on the test set)",
+    "val": "per method, the grid point (lr, β, epoch) of the tuning runs with the highest forget quality on the "
+           "validation questions among those whose validation MU is at least mu_fraction × the target's (none: the "
+           "highest validation MU; ties: higher MU, then the lower lr, smaller β, earlier epoch); every seed and "
+           "forget split is then run for that many epochs at that lr and β and reported on the test questions",
+}
 #: per preset: default model, forget splits, output directory, eval questions and answer tokens
 PRESET_DEFAULTS = {
     # 5M, 30 epochs at lr 2e-3: forget ROUGE-L 0.861 and MU 0.886 at epochs 25 and 30, train loss 0.05 -> 0.03
     # (measured on the 617-QA corpus; README "the tofu-mini study")
+    # unlearning: AdamW at a constant lr after one warm-up epoch, so epoch k of a run *is* a k-epoch run and the
+    # grid's epoch axis is read off each run's per-epoch evaluation; the law runs: plain SGD, constant lr 0.01,
+    # no weight decay (at 0.02-0.05 GA's loss turns non-finite within 100 steps; measured)
     "mini": {"model": "tiny-llama:5m", "forget": ("mini-forget10", "mini-forget50"), "out": "runs/tofu-mini",
-             "eval_ds_size": 40, "eval_max_new_tokens": 32, "finetune_epochs": 30, "finetune_lr": 2e-3},
-    "tofu": {"forget": ("forget10",), "out": "runs/tofu", "eval_ds_size": 300, "eval_max_new_tokens": 128},
+             "methods": tuple(OBJECTIVES),
+             "eval_ds_size": 40, "eval_max_new_tokens": 32, "eval_batch_size": 64, "finetune_epochs": 30,
+             "finetune_lr": 2e-3, "epochs": 5, "lr_schedule": "constant", "select": "val",
+             "grid_lrs": (3e-4, 1e-3, 3e-3), "grid_betas": (1.0, 5.0), "seeds": (0, 1, 2),
+             "law_lr": 0.01, "law_epochs": 20},
+    "tofu": {"forget": ("forget10",), "out": "runs/tofu", "eval_ds_size": 300, "eval_max_new_tokens": 128,
+             "methods": tuple(OBJECTIVES),
+             "epochs": 10, "lr_schedule": "constant", "select": "val", "grid_lrs": (5e-6, 1e-5, 2e-5),
+             "grid_betas": (1.0, 5.0), "seeds": (0, 1, 2)},
 }
+#: ``--quick``: a smoke-sized mini study (CI): one split, two methods, two seeds, tiny-llama 1M, 1-epoch runs
+QUICK = {"model": "tiny-llama:1m", "forget": ("mini-forget10",), "methods": ("ga", "npo"), "finetune_epochs": 1,
+         "epochs": 1, "eval_ds_size": 20, "eval_max_new_tokens": 4, "grid_lrs": (1e-3,), "grid_betas": (1.0,),
+         "seeds": (0, 1), "law_epochs": 1, "law_methods": ("ga",)}
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,17 @@ class StudyConfig:
     train_args: str = ""              #: extra flags for every finetune/unlearn stage
     jobs: int = 1
     seeds: tuple[int, ...] = ()       #: unlearning seeds (default: (seed,)); the report gives mean and CI across them
-    select: str = "last"              #: the declared model selection: the last epoch of every run
+    select: str = "last"              #: the declared model selection (:data:`SELECTIONS`)
+    lr_schedule: str | None = None    #: of the unlearning runs (None: the stage's default, linear decay)
+    #: the tuning grid of ``select="val"``: lrs, and factors × each NPO-family method's registry β
+    grid_lrs: tuple[float, ...] = ()
+    grid_betas: tuple[float, ...] = (1.0,)
+    tune_split: str | None = None     #: where the grid runs, on its validation questions (default: forget[0])
+    mu_fraction: float = 0.9          #: the MU floor of the selection and of the best-FQ table, × the target's
+    #: the divergence-law runs: plain SGD at this constant lr, no weight decay, on the tune split (None: none)
+    law_lr: float | None = None
+    law_epochs: int = 20
+    law_methods: tuple[str, ...] = ()  #: default: every method of the study
     holdout_file: str | None = None   #: non-member QA of the MIAs/privleak (tofu-mini: its own holdout)
     dialect: str = "npo-sim"          #: every stage's conventions (full_scale.dialects)
     #: LoRA and activation checkpointing of every finetune/unlearn stage (passed through; the stages validate them)
@@ -119,10 +149,24 @@ class StudyConfig:
         get_dialect(self.dialect)
         if self.select not in SELECTIONS:
             raise UserError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.select == "val" and not self.grid_lrs:
+            raise UserError("select val needs a tuning grid (--grid-lrs)")
+        if self.tune_split is not None and self.tune_split not in self.forget:
+            raise UserError(f"tune split {self.tune_split} is not one of the forget splits ({', '.join(self.forget)})")
+        for name in ("grid_lrs", "grid_betas"):
+            if any(not (v > 0) for v in getattr(self, name)):
+                raise UserError(f"{name} must be positive, got {', '.join(map(str, getattr(self, name)))}")
+        if self.law_lr is not None and not self.law_lr > 0:
+            raise UserError(f"law_lr must be positive, got {self.law_lr}")
+        bad = [m for m in self.law_methods if m not in OBJECTIVES]
+        if bad:
+            raise UserError(f"unknown law method(s) {', '.join(bad)}; valid: {', '.join(OBJECTIVES)}")
+        if not 0 < self.mu_fraction <= 1:
+            raise UserError(f"mu_fraction must be in (0, 1], got {self.mu_fraction}")
         if len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds must be distinct, got {', '.join(map(str, self.seeds))}")
         for name in ("epochs", "finetune_epochs", "batch_size", "grad_accum", "eval_ds_size", "eval_max_new_tokens",
-                     "eval_batch_size", "threads", "jobs"):
+                     "eval_batch_size", "threads", "jobs", "law_epochs"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be ≥ 1, got {v}")
@@ -134,6 +178,14 @@ class StudyConfig:
                 "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size,
                 "out": self.out, "seeds": list(self.unlearn_seeds), "select": self.select,
                 "select_rule": SELECTIONS[self.select], "holdout_file": self.holdout_file, "dialect": self.dialect,
+                "epochs": self.epochs, "lr": self.lr, "lr_schedule": self.lr_schedule, "mu_fraction": self.mu_fraction,
+                **({"tuning": {"split": self.tuned_on, "lrs": list(self.grid_lrs),
+                               "beta_factors": list(self.grid_betas), "beta_family": "npo",
+                               "epochs": list(range(1, (self.epochs or 0) + 1)),
+                               "questions": "val", "reported_on": "test"}} if self.select == "val" else {}),
+                **({"law_runs": {"optimizer": "sgd", "lr": self.law_lr, "lr_schedule": "constant", "warmup_epochs": 0,
+                                 "weight_decay": 0.0, "epochs": self.law_epochs, "split": self.tuned_on,
+                                 "methods": list(self.law_methods or self.methods)}} if self.law_lr else {}),
                 "judge": "the oracle of each forget split",
                 **({"lora_flags": self.train_flags()} if self.train_flags() else {})}
 
@@ -157,14 +209,30 @@ class StudyConfig:
     def unlearn_seeds(self) -> tuple[int, ...]:
         return tuple(self.seeds) or (self.seed,)
 
+    @property
+    def tuned_on(self) -> str:
+        return self.tune_split or self.forget[0]
+
+    def betas(self, method: str) -> tuple[float | None, ...]:
+        """The grid's β values of ``method`` (None: its registry default, not varied): factors × the
+        registry β for the NPO family (registry family ``npo``), the default alone for the others."""
+        o = OBJECTIVES[method]
+        if o.family != "npo" or not o.uses_beta:
+            return (None,)
+        return tuple(None if f == 1.0 else round(f * float(o.beta), 10) for f in self.grid_betas)
+
 
 def study_config(preset: str, forget=(), retain=(), **settings) -> StudyConfig:
     """A :class:`StudyConfig` with the preset's defaults for unset (``None`` or empty) settings;
     ``retain`` defaults to the complements of ``forget``."""
     if preset not in PRESET_DEFAULTS:
         raise UserError(f"preset must be one of {', '.join(PRESET_DEFAULTS)}, got {preset!r}")
-    given = {k: v for k, v in settings.items() if v is not None}
-    resolved = {**PRESET_DEFAULTS[preset], **given, "forget": tuple(forget) or PRESET_DEFAULTS[preset]["forget"]}
+    quick = settings.pop("quick", False)
+    if quick and preset != "mini":
+        raise UserError("--quick is a mini-preset smoke test")
+    given = {k: v for k, v in settings.items() if v is not None and v != ()}
+    base = {**PRESET_DEFAULTS[preset], **(QUICK if quick else {})}
+    resolved = {**base, **given, "forget": tuple(forget) or base["forget"]}
     if "model" not in resolved:
         raise UserError("model is required with preset tofu (an HF id such as meta-llama/Llama-2-7b-chat-hf)")
     resolved["retain"] = tuple(retain) or tuple(retain_of(f) for f in resolved["forget"])
@@ -208,8 +276,12 @@ def stage_key(args, out: Path) -> str:
     return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:12]
 
 
-def plan(cfg: StudyConfig) -> list[Stage]:
-    """Every stage of the study, in order; each stage's directory is named by its :func:`stage_key`."""
+def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
+    """Every stage of the study, in order; each stage's directory is named by its :func:`stage_key`.
+
+    With ``select="val"`` the tuning runs (``tune/``) and the law runs (``law/``) come before the final
+    runs (``unlearn/``), which need the grid's ``selection`` (:func:`select_configs`: method -> its lr,
+    β and epochs); without it they are left out (``run_study`` plans again after selecting)."""
     out, py = Path(cfg.out), (sys.executable,)
     launcher = tuple(shlex.split(cfg.launcher)) if cfg.launcher else py
     common = ["--preset", cfg.preset, "--seed", str(cfg.seed), "--no-progress", "--dialect", cfg.dialect,
@@ -217,10 +289,11 @@ def plan(cfg: StudyConfig) -> list[Stage]:
                        ("--grad-accum", cfg.grad_accum), ("--threads", cfg.threads))),
               *cfg.train_flags(), *shlex.split(cfg.train_args or "")]
     ft = common + _flags((("--epochs", cfg.finetune_epochs), ("--lr", cfg.finetune_lr)))
-    ul = common + _flags((("--epochs", cfg.epochs), ("--lr", cfg.lr)))
+    ul = common + _flags((("--lr-schedule", cfg.lr_schedule),))
     ev = ["--ds-size", str(cfg.eval_ds_size), "--max-new-tokens", str(cfg.eval_max_new_tokens),
           "--batch-size", str(cfg.eval_batch_size), "--dialect", cfg.dialect] + _flags((("--data-dir", cfg.data_dir),))
     tofu = ("-m", "full_scale.cli")
+    tuned = cfg.select == "val"
     stages = []
 
     def finetune(name, slug, split, extra=()) -> Path:
@@ -234,34 +307,127 @@ def plan(cfg: StudyConfig) -> list[Stage]:
     oracle = {f: finetune(f"finetune oracle ({r})", f"oracle-{f}", r, ["--forget", f])
               for f, r in zip(cfg.forget, cfg.retain)}
     holdout = _flags((("--holdout-file", cfg.holdout_file),))
-    oracle_log: dict[str, Path] = {}
+    # the question subsets each split is evaluated on: the grid selects on val, the finals report on test
+    subsets = {f: (("val", "test") if f == cfg.tuned_on else ("test",)) if tuned else ("all",) for f in cfg.forget}
+    oracle_log: dict[tuple[str, str], Path] = {}
     for f in cfg.forget:
         judge = ["--judge-model", str(oracle[f] / "model")]  # the oracle judges fluency
-        for who, d in (("oracle", oracle[f]), ("target", target)):
-            retain_log = [] if who == "oracle" else ["--retain-log", str(oracle_log[f])]
-            args = ("eval", "--model", str(d / "model"), "--forget-split", f, *retain_log, *ev, *holdout, *judge)
-            e = out / "eval" / f"{who}-{f}-{stage_key(args, out)}"
-            if who == "oracle":
-                oracle_log[f] = e / "eval_log_aggregated.json"
-            stages.append(Stage(f"eval {who} on {f}", "eval", 1 if who == "oracle" else 2, e,
-                                (*py, *tofu, *args, "--out", str(e)), done=(e / "summary.json").is_file(),
-                                threads=cfg.threads))
+        for q in subsets[f]:
+            qflag = ["--questions", q] if q != "all" else []
+            for who, d in (("oracle", oracle[f]), ("target", target)):
+                retain_log = [] if who == "oracle" else ["--retain-log", str(oracle_log[f, q])]
+                args = ("eval", "--model", str(d / "model"), "--forget-split", f, *retain_log, *ev, *holdout, *judge,
+                        *qflag)
+                e = out / "eval" / f"{who}-{f}{'-' + q if qflag else ''}-{stage_key(args, out)}"
+                if who == "oracle":
+                    oracle_log[f, q] = e / "eval_log_aggregated.json"
+                stages.append(Stage(f"eval {who} on {f}" + (f" ({q})" if qflag else ""), "eval",
+                                    1 if who == "oracle" else 2, e, (*py, *tofu, *args, "--out", str(e)),
+                                    done=(e / "summary.json").is_file(), threads=cfg.threads))
+
+    def unlearn(name, kind, group, d_parent, slug, f, r, m, q, extra, seed, eval_every=True, base=ul) -> None:
+        evals = ("--eval-every-epoch", "--eval-batch-size", str(cfg.eval_batch_size), "--eval-max-new-tokens",
+                 str(cfg.eval_max_new_tokens), "--eval-ds-size", str(cfg.eval_ds_size),
+                 "--retain-log", str(oracle_log[f, q]), "--eval-judge-model", str(oracle[f] / "model"),
+                 *_flags((("--eval-holdout-file", cfg.holdout_file),)),
+                 *(["--eval-questions", q] if q != "all" else [])) if eval_every else ()
+        args = ("unlearn", "--model", str(target / "model"), "--forget", f, "--retain", r, "--method", m, *evals,
+                *base, *extra, "--seed", str(seed))
+        d = d_parent / f"{slug}-{stage_key(args, out)}"
+        stages.append(Stage(name, kind, group, d, (*launcher, *tofu, *args, "--out", str(d)),
+                            done=(d / "run.json").is_file(), resume=(d / "config.json").is_file(),
+                            threads=cfg.threads, seed=seed))
+
+    retain = dict(zip(cfg.forget, cfg.retain))
+    if tuned:
+        f = cfg.tuned_on
+        for m in cfg.methods:
+            for lr in cfg.grid_lrs:
+                for beta in cfg.betas(m):
+                    extra = ["--epochs", str(cfg.epochs), "--lr", f"{lr:g}", *_flags((("--beta", beta),))]
+                    tag = f"lr {lr:g}" + (f" beta {beta:g}" if beta is not None else "")
+                    unlearn(f"tune {f} {m} {tag}", "tune", 3, out / "tune" / f, f"{m}-{tag.replace(' ', '')}",
+                            f, retain[f], m, "val", extra, cfg.seed)
+    if cfg.law_lr is not None:
+        f = cfg.tuned_on
+        law = ["--optimizer", "sgd", "--lr-schedule", "constant", "--warmup-epochs", "0", "--weight-decay", "0",
+               "--lr", f"{cfg.law_lr:g}", "--epochs", str(cfg.law_epochs)]
+        for m in cfg.law_methods or cfg.methods:
+            unlearn(f"law {f} {m}", "law", 3, out / "law" / f, m, f, retain[f], m, "all", law, cfg.seed,
+                    eval_every=False, base=common)
+    if tuned and selection is None:
+        return stages
     several = len(cfg.unlearn_seeds) > 1
     for f, r in zip(cfg.forget, cfg.retain):
+        q = "test" if tuned else "all"
         for seed in cfg.unlearn_seeds:
             for m in cfg.methods:
-                args = ("unlearn", "--eval-batch-size", str(cfg.eval_batch_size),
-                        "--eval-max-new-tokens", str(cfg.eval_max_new_tokens), "--model", str(target / "model"),
-                        "--forget", f, "--retain", r, "--method", m, "--eval-every-epoch",
-                        "--eval-ds-size", str(cfg.eval_ds_size), "--retain-log", str(oracle_log[f]),
-                        "--eval-judge-model", str(oracle[f] / "model"),
-                        *_flags((("--eval-holdout-file", cfg.holdout_file),)), *ul, "--seed", str(seed))
-                d = out / "unlearn" / f / (f"seed-{seed}" if several else "") / f"{m}-{stage_key(args, out)}"
-                name = f"unlearn {f} {m}" + (f" seed {seed}" if several else "")
-                stages.append(Stage(name, "unlearn", 3, d, (*launcher, *tofu, *args, "--out", str(d)),
-                                    done=(d / "run.json").is_file(), resume=(d / "config.json").is_file(),
-                                    threads=cfg.threads, seed=seed))
+                if tuned:
+                    hp = selection[m]
+                    extra = ["--epochs", str(hp["epochs"]), "--lr", f"{hp['lr']:g}",
+                             *_flags((("--beta", hp.get("beta")),))]
+                else:
+                    extra = _flags((("--epochs", cfg.epochs), ("--lr", cfg.lr)))
+                unlearn(f"unlearn {f} {m}" + (f" seed {seed}" if several else ""), "unlearn", 4 if tuned else 3,
+                        out / "unlearn" / f / (f"seed-{seed}" if several else ""), m, f, r, m, q, extra, seed)
     return stages
+
+
+# --------------------------------------------------------------------------------------------------
+# the declared selection
+# --------------------------------------------------------------------------------------------------
+GRID_COLUMNS = ("method", "lr", "beta", "epoch", "val_fq", "val_mu", "val_forget_rouge", "mu_floor", "kept_mu")
+
+
+def _tune_point(st: Stage) -> tuple[str, float, float | None]:
+    cmd = list(st.cmd)
+    method = cmd[cmd.index("--method") + 1]
+    lr = float(cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1])
+    beta = float(cmd[cmd.index("--beta") + 1]) if "--beta" in cmd else None
+    return method, lr, beta
+
+
+def select_configs(cfg: StudyConfig, stages: list[Stage]) -> tuple[dict, pd.DataFrame]:
+    """The declared selection (:data:`SELECTIONS` ``val``) from the finished tuning runs: method -> its
+    ``{lr, beta, epochs, val_fq, val_mu, kept_mu}``, and the whole grid (:data:`GRID_COLUMNS`). A method
+    with no finished tuning run is left out (its final runs are not planned)."""
+    tgt = [st for st in stages if st.name == f"eval target on {cfg.tuned_on} (val)"][0]
+    target_mu = float(json.loads((tgt.out / "summary.json").read_text())["model_utility"])
+    floor = cfg.mu_fraction * target_mu
+    rows = []
+    for st in stages:
+        if st.kind != "tune" or not (st.out / "eval_curve.csv").is_file() or not (st.out / "run.json").is_file():
+            continue
+        method, lr, beta = _tune_point(st)
+        beta = beta if beta is not None else float(OBJECTIVES[method].beta)
+        for e in pd.read_csv(st.out / "eval_curve.csv").itertuples():
+            rows.append({"method": method, "lr": lr, "beta": beta, "epoch": int(e.epoch),
+                         "val_fq": float(e.forget_quality), "val_mu": float(e.model_utility),
+                         "val_forget_rouge": float(e.forget_rouge), "mu_floor": floor,
+                         "kept_mu": bool(e.model_utility >= floor)})
+    grid = pd.DataFrame(rows, columns=list(GRID_COLUMNS))
+    chosen = {}
+    for m, g in grid.groupby("method", sort=False):
+        kept = g[g.kept_mu]
+        pool, key = (kept, ["val_fq", "val_mu"]) if len(kept) else (g, ["val_mu", "val_fq"])
+        best = pool.sort_values([*key, "lr", "beta", "epoch"], ascending=[False, False, True, True, True]).iloc[0]
+        default_beta = float(OBJECTIVES[m].beta)
+        chosen[m] = {"lr": float(best.lr), "beta": None if best.beta == default_beta else float(best.beta),
+                     "beta_value": float(best.beta), "epochs": int(best.epoch), "val_fq": float(best.val_fq),
+                     "val_mu": float(best.val_mu), "kept_mu": bool(best.kept_mu), "mu_floor": floor,
+                     "target_val_mu": target_mu}
+    return chosen, grid
+
+
+def selection_markdown(chosen: dict, cfg: StudyConfig) -> str:
+    lines = [f"| method | lr | β | epochs | val FQ | val MU | MU ≥ {cfg.mu_fraction:g} × target |",
+             "|---|---|---|---|---|---|---|"]
+    for m in (m for m in OBJECTIVES if m in chosen):
+        c = chosen[m]
+        beta = f"{c['beta_value']:g}" if OBJECTIVES[m].uses_beta else "—"
+        lines.append(f"| {label(m)} | {c['lr']:g} | {beta} | {c['epochs']} | {c['val_fq']:.3g} | "
+                     f"{c['val_mu']:.3f} | {'yes' if c['kept_mu'] else 'no (highest MU taken)'} |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +453,7 @@ def _stage_log(out: Path, name: str) -> Path:
 
 
 #: ``--until KIND``: run the stages up to and including this kind's dependency group
-STAGE_KINDS = ("finetune", "eval", "unlearn")
+STAGE_KINDS = ("finetune", "eval", "tune", "unlearn")
 
 
 def run_stages(stages: list[Stage], out: Path, jobs: int, timings: dict, timings_path: Path) -> list[str]:
@@ -315,7 +481,7 @@ def run_stages(stages: list[Stage], out: Path, jobs: int, timings: dict, timings
                 try:
                     timings[st.name] = fut.result()
                 except UserError as exc:
-                    if st.kind != "unlearn":  # later stages depend on it
+                    if st.kind not in ("unlearn", "tune", "law"):  # later stages depend on it
                         raise
                     failed.append(st.name)
                     print(f"[fail] {exc}", flush=True)
@@ -401,7 +567,9 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     unlearn = [st for st in stages if st.kind == "unlearn"]
     done = {str(st.out) for st in unlearn if (st.out / "run.json").is_file() and (st.out / "eval_curve.csv").is_file()}
     settings = {**cfg.settings(), "unfinished_runs": [st.name for st in unlearn if str(st.out) not in done]}
+    reported = " (test)" if cfg.select == "val" else ""  # the grid's val evals select; they are not reported
     targets = [str(p) for st in stages if st.kind == "eval" and st.name.startswith("eval target ")
+               and st.name.endswith(reported) and "(" not in st.name.replace(reported, "")
                if (p := st.out / "summary.json").is_file()]
     seeds = cfg.unlearn_seeds
     by_seed = {s: [str(st.out) for st in unlearn if st.seed == s and str(st.out) in done] for s in seeds}
@@ -438,15 +606,39 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     return table
 
 
+def _select(cfg: StudyConfig, stages: list[Stage]) -> dict:
+    """Select on the grid, write ``tune/grid.csv``, ``selection.csv``, ``selection.md`` and
+    ``selection.json``, and return the selection."""
+    chosen, grid = select_configs(cfg, stages)
+    d = Path(cfg.out) / "tune"
+    write_csv(d / "grid.csv", grid)
+    write_csv(d / "selection.csv", pd.DataFrame([{"method": m, **c} for m, c in chosen.items()]))
+    write_text(d / "selection.md", selection_markdown(chosen, cfg))
+    write_json(d / "selection.json", chosen)
+    missing = [m for m in cfg.methods if m not in chosen]
+    print(f"selected on {cfg.tuned_on} (val): " + ", ".join(f"{m} lr {c['lr']:g} β {c['beta_value']:g} "
+                                                            f"{c['epochs']} ep" for m, c in chosen.items())
+          + (f"; no finished tuning run: {', '.join(missing)}" if missing else ""), flush=True)
+    return chosen
+
+
 def run_study(cfg: StudyConfig, dry_run: bool = False, report_only: bool = False, until: str | None = None) -> int:
     """Plan, run (unless ``report_only``) and report the study; with ``dry_run`` only print the stages; with
-    ``until`` (a :data:`STAGE_KINDS` entry) run the stages up to that kind's and stop before the report."""
+    ``until`` (a :data:`STAGE_KINDS` entry) run the stages up to that kind's and stop before the report.
+
+    With ``select="val"`` it runs in two passes: the stages up to the tuning and law runs, then the
+    selection (:func:`select_configs`, written to ``tune/``), then the final runs it picks."""
     if until is not None and until not in STAGE_KINDS:
         raise UserError(f"until must be one of {', '.join(STAGE_KINDS)}, got {until!r}")
-    stages = plan(cfg)
+    tuned = cfg.select == "val"
+    sel_path = Path(cfg.out) / "tune" / "selection.json"
+    stages = plan(cfg, json.loads(sel_path.read_text()) if tuned and sel_path.is_file() else None)
     if dry_run:
         for st in stages:
             print(("[done] " if st.done else "") + shlex.join(st.cmd))
+        if tuned and not sel_path.is_file():
+            n = len(cfg.forget) * len(cfg.unlearn_seeds) * len(cfg.methods)
+            print(f"# then {n} final runs (forget splits × seeds × methods) at the configurations the grid selects")
         return 0
     out = check_out_dir(cfg.out)  # before any stage runs
     out.mkdir(parents=True, exist_ok=True)
@@ -456,14 +648,23 @@ def run_study(cfg: StudyConfig, dry_run: bool = False, report_only: bool = False
     print(f"study: {len(stages)} stages ({sum(st.done for st in stages)} done), jobs={cfg.jobs}, "
           f"stage logs in {out / 'logs'}", flush=True)
     if until is not None:
-        last = max(st.group for st in stages if st.kind == until)
+        kinds = STAGE_KINDS[:STAGE_KINDS.index(until) + 1]
+        last = max(st.group for st in stages if st.kind in kinds or (until == "tune" and st.kind == "law"))
         run_stages([st for st in stages if st.group <= last], out, cfg.jobs, timings, timings_path)
+        if until == "unlearn" and tuned:
+            stages = plan(cfg, _select(cfg, stages))
+            run_stages([st for st in stages if st.kind == "unlearn"], out, cfg.jobs, timings, timings_path)
         timings["study wall, all invocations"] = timings.get("study wall, all invocations", 0.0) + time.time() - t_all
         write_json(timings_path, timings)
         print(f"stages up to {until} done in {time.time() - t_all:.0f} s (no report: --until)")
         return 0
     if not report_only:
+        if tuned:
+            run_stages([st for st in stages if st.kind != "unlearn"], out, cfg.jobs, timings, timings_path)
+            stages = plan(cfg, _select(cfg, stages))
         run_stages(stages, out, cfg.jobs, timings, timings_path)
+    elif tuned and not sel_path.is_file():
+        raise UserError(f"{sel_path}: no selection yet (run the study first)")
     table = report(cfg, stages, timings, timings_path, t_all)
     print(table_markdown(table))
     print(f"study done in {time.time() - t_all:.0f} s -> {out / 'report'}")
