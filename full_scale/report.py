@@ -254,7 +254,8 @@ def plot_trajectories(curves: pd.DataFrame, targets: dict[str, dict], out_path, 
     from npo_sim.plots import new_figure
 
     splits = list(dict.fromkeys(curves["split"]))
-    fig, axes = new_figure(ncols=len(splits), width=4.8, height=3.8)
+    many = curves["method"].nunique() > 10
+    fig, axes = new_figure(ncols=len(splits), width=6.4 if many else 4.8, height=5.6 if many else 3.8)
     floor = 1e-30
     for ax, split in zip(axes[0], splits):
         d = curves[curves["split"] == split]
@@ -264,6 +265,15 @@ def plot_trajectories(curves: pd.DataFrame, targets: dict[str, dict], out_path, 
                     color=color(m), label=label(m))
             last = g.iloc[-1]
             ax.plot(last["model_utility"], max(last["forget_quality"], floor), marker="s", ms=5, color=color(m))
+            if {"forget_quality_lo", "forget_quality_hi", "model_utility_lo", "model_utility_hi"} <= set(g.columns):
+                e = g[g["epoch"] > 0]  # 95% bootstrap CIs over questions (the target's point has none here)
+                fq = e["forget_quality"].clip(lower=floor)
+                ax.errorbar(e["model_utility"], fq,
+                            xerr=[(e["model_utility"] - e["model_utility_lo"]).clip(lower=0).fillna(0),
+                                  (e["model_utility_hi"] - e["model_utility"]).clip(lower=0).fillna(0)],
+                            yerr=[(fq - e["forget_quality_lo"].clip(lower=floor)).clip(lower=0).fillna(0),
+                                  (e["forget_quality_hi"].clip(lower=floor) - fq).clip(lower=0).fillna(0)],
+                            fmt="none", ecolor=color(m), elinewidth=0.6, alpha=0.45, capsize=0)
         t = targets.get(split)
         if t is not None:
             if "forget_quality" in t:
@@ -275,7 +285,7 @@ def plot_trajectories(curves: pd.DataFrame, targets: dict[str, dict], out_path, 
         ax.set_xlabel("model utility")
         ax.set_ylabel("forget quality (KS p-value)")
         ax.set_title(split)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=6 if d["method"].nunique() > 10 else 7, ncol=3 if d["method"].nunique() > 10 else 2)
     fig.tight_layout()
     save_figure(fig, out_path)
 

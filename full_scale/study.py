@@ -51,7 +51,8 @@ NOTES_HEADING = "## Reading these results"
 #: small report files copied into figures/<study>/
 REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_curves.csv", "lm_curves.csv",
                 "last_epoch.csv", "last_epoch.md", "seeds.csv", "seeds.md", "summary.json", "side_by_side.png",
-                "results.md", "timings.json")
+                "results.md", "timings.json", "grid.csv", "selection.csv", "selection.md", "law.csv", "law.md",
+                "law_curves.csv", "law_curves.png")
 #: the divergence law Theorem 2 predicts for the side-by-side fits (a claim about these two methods)
 LAW = {"ga": "linear", "npo": "log"}
 #: declared model-selection rules (the report shows the selected epoch of every run)
@@ -508,8 +509,34 @@ def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------------------------------
 # the report
 # --------------------------------------------------------------------------------------------------
+def _law_report(cfg: StudyConfig, stages: list[Stage], report_dir: Path) -> list[dict]:
+    """law.csv, law.md, law_curves.csv and law_curves.png from the law runs (none: nothing written)."""
+    from .laws import law_markdown, law_table, load_law_runs, plot_laws
+    from .report import LM_COLUMNS
+
+    law_runs = load_law_runs(st.out for st in stages if st.kind == "law")
+    if not law_runs:
+        return []
+    table = law_table(law_runs)
+    write_csv(report_dir / "law.csv", table)
+    write_text(report_dir / "law.md", law_markdown(table, cfg.settings().get("law_runs", {})))
+    split = cfg.tuned_on
+    frames = [pd.DataFrame({"split": split, "method": m, "step": log["step"].astype(int),
+                            "param_distance": log["param_dist"], "forget_logp_sum": log["forget_logp"],
+                            "forget_logp_token": log["forget_logp_per_token"]})
+              for m, (log, _) in law_runs.items() if log is not None]
+    write_csv(report_dir / "law_curves.csv", pd.concat(frames, ignore_index=True)[list(LM_COLUMNS)] if frames
+              else pd.DataFrame(columns=list(LM_COLUMNS)))
+    practice = {}
+    if (report_dir / "lm_curves.csv").is_file():
+        lm = pd.read_csv(report_dir / "lm_curves.csv")
+        practice = {m: g for m, g in lm[lm.split == split].groupby("method")}
+    plot_laws(law_runs, practice, report_dir / "law_curves.png")
+    return table.to_dict("records")
+
+
 def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets: dict, side_fits: dict,
-                     last_md: str = "", seeds_md: str = "") -> str:
+                     last_md: str = "", seeds_md: str = "", selection_md: str = "", law_md: str = "") -> str:
     lines = [f"# tofu-{settings['preset']} study", "",
              f"Model `{settings['model']}`; forget splits {', '.join(settings['forget'])}; methods "
              f"{', '.join(settings['methods'])}.",
@@ -524,14 +551,27 @@ def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets
     lines += ["", f"Model selection, declared before the run: `--select {sel}`, "
               f"{settings.get('select_rule', SELECTIONS[sel])}. The tofu-mini holdout (non-members of the MIAs) is "
               "full.json authors 170-179; the oracle of each split judges fluency."]
+    tuning = settings.get("tuning")
+    if tuning and selection_md:
+        lines += ["", "## The selected configuration of every method", "",
+                  f"Grid on {tuning['split']}'s validation questions (positions 0, 5, 10, 15 of each author's 20; "
+                  "every 5th row of real_authors and world_facts): lr ∈ "
+                  f"{{{', '.join(f'{x:g}' for x in tuning['lrs'])}}}"
+                  f" × epochs 1..{max(tuning['epochs'])} (AdamW, constant lr after one warm-up epoch, so epoch k of "
+                  f"a run is a k-epoch run) × β ∈ {{{', '.join(f'{x:g}' for x in tuning['beta_factors'])}}} × the "
+                  "registry β for the NPO family. Every number below this table is on the test questions.", "",
+                  selection_md]
     if last_md:
-        lines += ["", "## Last epoch, with 95% bootstrap CIs over questions", "", last_md]
+        lines += ["", "## Selected epoch (seed " + str(settings["seeds"][0]) + "), with 95% bootstrap CIs over "
+                  "test questions" if tuning else "## Last epoch, with 95% bootstrap CIs over questions", "", last_md]
     if seeds_md:
         lines += ["", "## Across seeds", "", seeds_md]
     lines += ["", "## Best forget quality at MU ≥ 0.9 × target MU (epoch picked on the test set)", "",
               table_markdown(table), "— : no evaluated epoch kept MU above the threshold. This table picks each "
               "run's best epoch on the test (forget) set, so it is optimistic; the declared selection is above.", "",
               "![FQ vs MU](fq_mu_trajectories.png)", "", "## Side by side", "", "![side by side](side_by_side.png)", ""]
+    if law_md:
+        lines += ["## Divergence laws on the LM (SGD, constant lr)", "", law_md, "![laws](law_curves.png)", ""]
     for setting, per in side_fits.items():
         for m, f in per.items():
             if "dist" in f:
@@ -585,7 +625,17 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
         write_text(report_dir / "seeds.md", seeds_markdown(seed_table, list(tables)))
         summary["seeds"] = {"seeds": list(tables), "across_seeds": seed_table.to_dict("records"),
                             "figures_and_tables_of_seed": seeds[0]}
-    fits = plot_side_by_side(th, mk, report_dir / "lm_curves.csv", report_dir / "side_by_side.png")
+    law_summary = _law_report(cfg, stages, report_dir)
+    # the side-by-side LM panel: the constant-step law runs when there are any (the setting of the theorem)
+    lm_side = report_dir / ("law_curves.csv" if law_summary else "lm_curves.csv")
+    fits = plot_side_by_side(th, mk, lm_side, report_dir / "side_by_side.png")
+    if cfg.select == "val":
+        for name in ("grid.csv", "selection.csv", "selection.md"):
+            if (out / "tune" / name).is_file():
+                write_bytes(report_dir / name, (out / "tune" / name).read_bytes())
+        summary["selection"] = json.loads((out / "tune" / "selection.json").read_text())
+    if law_summary:
+        summary["law"] = law_summary
     timings["report"] = time.time() - t0
     # wall time summed over invocations (a resumed study adds to it)
     timings["study wall, all invocations"] = (timings.pop("total (this invocation)", 0.0)
@@ -597,7 +647,8 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     read = lambda name: (report_dir / name).read_text() if (report_dir / name).is_file() else ""  # noqa: E731
     write_text(report_dir / "results.md", results_markdown(settings, timings, table, load_target_evals(targets), fits,
                                                            read("last_epoch.md"),
-                                                           read("seeds.md") if len(seeds) > 1 else ""))
+                                                           read("seeds.md") if len(seeds) > 1 else "",
+                                                           read("selection.md"), read("law.md")))
     write_json(report_dir / "timings.json", timings)
     if cfg.figures:
         dest = Path(cfg.figures) / f"tofu_{cfg.preset}"
