@@ -352,7 +352,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-split", default=None, help="forget split of the grid (default: the first)")
     p.add_argument("--mu-fraction", type=float, default=None, help="MU floor of the selection, x target MU (0.9)")
     p.add_argument("--law-lr", type=float, default=None,
-                   help="lr of the SGD constant-step divergence-law runs (mini 0.01; tofu: none)")
+                   help="lr of the SGD constant-step divergence-law runs (mini 0.01; tofu: none; 0: none)")
     p.add_argument("--law-epochs", type=int, default=None, help="epochs of the law runs (20)")
     p.add_argument("--law-methods", default=None, help="comma list (default: the study's methods)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (preset default)")
@@ -389,7 +389,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     _lora_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="run no stage; report the finished runs")
-    p.add_argument("--until", default=None, choices=("finetune", "eval", "unlearn"),
+    p.add_argument("--until", default=None, choices=("finetune", "eval", "tune", "unlearn"),
                    help="run the stages up to this kind (and those it needs), then stop without the report")
 
 

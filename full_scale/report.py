@@ -21,9 +21,8 @@ From any set of ``npo-tofu unlearn --eval-every-epoch`` run directories (each ho
 The best-FQ table picks, per run, the epoch with the best FQ *on the test (forget) set* among those
 above the MU threshold; its header says so.
 
-:func:`claims` turns the committed outputs of the tofu-mini study (``figures/tofu_mini/``, written by
-``npo-tofu study``, :mod:`full_scale.study`) into the TOFU rows of ``figures/REPORT.md``; ``npo-sim
-figures`` asks this package for them.
+:mod:`full_scale.tofu_claims` turns the committed outputs of the tofu-mini study (``figures/tofu_mini/``,
+written by ``npo-tofu study``, :mod:`full_scale.study`) into the TOFU rows of ``figures/REPORT.md``.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from npo_sim.claims import FAILS, HOLDS, NA, PARTLY, Claim, all_any, verdict
-from npo_sim.losses import OBJECTIVES, color, label, methods
+from npo_sim.losses import OBJECTIVES, color, label
 from npo_sim.runio import UserError, check_out_dir, save_figure, write_csv, write_json, write_text
 
 from .data import eval_split
@@ -338,168 +336,3 @@ def build_report(run_dirs, out, target_evals=(), mu_fraction: float = 0.9, allow
     }
     write_json(out / "summary.json", summary)
     return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# the TOFU claims of figures/REPORT.md, from the committed tofu_mini/ outputs
-# --------------------------------------------------------------------------------------------------
-#: the retain-regularised NPO methods and the GA method each is compared with
-NPO_VS_GA = {"npo_rt": "ga_rt", "npo_kl": "ga_kl"}
-
-
-def _ga_destroys_utility(best: pd.DataFrame, tag: str, fig: str) -> Claim:
-    ga = best[best.method == "ga"]
-    rel = (ga.mu_last / ga.target_mu).tolist()
-    return Claim(f"{tag}: GA without a retain term destroys model utility",
-                 "; ".join(f"{r.split}: MU {r.target_mu:.3f}→{r.mu_last:.3f}" for r in ga.itertuples()),
-                 verdict(max(rel) < 0.1) if rel else NA, fig,
-                 "holds when GA's last-epoch MU is below 0.1 × the target's MU on every split")
-
-
-def _npo_beats_ga(best: pd.DataFrame, tag: str, fig: str) -> Claim:
-    pairs = []
-    for r in best.itertuples():
-        g = NPO_VS_GA.get(r.method)
-        other = best[(best.split == r.split) & (best.method == g)] if g else best.iloc[0:0]
-        if len(other):
-            pairs.append((r.split, r.method, r.fq_last, g, float(other.fq_last.iloc[0])))
-    return Claim(f"{tag}: NPO+RT / NPO+KL end with higher forget quality than GA+RT / GA+KL",
-                 "; ".join(f"{sp} {n} {a:.2g} vs {g} {b:.2g}" for sp, n, a, g, b in pairs) or "n/a",
-                 all_any(a > b for _, _, a, _, b in pairs), fig,
-                 "holds when every NPO+RT / NPO+KL run ends with a higher FQ than its GA counterpart on the same "
-                 "split; partly when some do")
-
-
-def _best_is_npo(best: pd.DataFrame, tag: str, mu_fraction: float) -> Claim:
-    npo_family = set(methods(family="npo"))
-    q = best.dropna(subset=["best_fq"])
-    per_split = {sp: g.sort_values("best_fq").iloc[-1] for sp, g in q.groupby("split")}
-    npo_best = [r.method in npo_family for r in per_split.values()]
-    missing = sorted(set(best.split) - set(per_split))
-    ok = NA if not npo_best else HOLDS if all(npo_best) and not missing else PARTLY if any(npo_best) else FAILS
-    return Claim(f"{tag}: the best FQ at MU ≥ {mu_fraction:g} × target MU comes from an NPO-based method",
-                 "; ".join(f"{sp}: {r.method} FQ {r.best_fq:.2g} (MU {r.mu_at_best:.3f})"
-                           for sp, r in per_split.items())
-                 + "".join(f"; {sp}: no run kept MU above the threshold" for sp in missing),
-                 ok, "tofu_mini/best_fq.md",
-                 "holds when on every split the best FQ among the epochs above the MU threshold comes from an "
-                 "NPO-family method (registry family 'npo'); partly when on some")
-
-
-def _divergence_law(lm: pd.DataFrame, tag: str) -> Claim:
-    from npo_sim.metrics import linear_fit, log_fit
-
-    split = sorted(lm.split.unique())[-1]
-    fits, ends = {}, {}
-    for m in ("ga", "npo"):
-        d = lm[(lm.split == split) & (lm.method == m)]
-        if len(d) >= 3:
-            t, y = d.step.to_numpy(float), d.param_distance.to_numpy()
-            fits[m] = (linear_fit(t, y).r2, log_fit(t, y).r2)
-            ends[m] = float(y[-1])
-    if len(fits) == 2:
-        laws = fits["ga"][0] > fits["ga"][1] and fits["npo"][1] > fits["npo"][0]
-        apart = ends["ga"] > 2 * ends["npo"]
-        ok = HOLDS if laws and apart else PARTLY if apart else FAILS
-        meas = (f"{split}: final ‖θ−θ_0‖ GA {ends['ga']:.3g} vs NPO {ends['npo']:.3g}; R² linear/log: "
-                f"GA {fits['ga'][0]:.3f}/{fits['ga'][1]:.3f}, NPO {fits['npo'][0]:.3f}/{fits['npo'][1]:.3f} "
-                "(lr decays linearly to 0, which bends both curves)")
-    else:
-        ok, meas = NA, "lm_curves.csv lacks GA and NPO runs"
-    return Claim(f"{tag}: divergence law on the LM (GA linear, NPO logarithmic in the step)", meas, ok,
-                 "side_by_side.png",
-                 "holds when GA's ‖θ−θ_0‖ fits a line better than a log, NPO's a log better than a line, and GA "
-                 "ends more than 2× farther from θ_0; partly when only the last holds")
-
-
-def _finite(*vs) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in vs)
-
-
-def _privleak_claim(last: pd.DataFrame, tag: str) -> Claim:
-    """NPO-family runs end with a smaller |privleak| (Min-K%++, vs the oracle) than the target's."""
-    key = "privleak_min_k_plus_plus"
-    npo_family = set(methods(family="npo"))
-    parts, oks = [], []
-    for split, g in last.groupby("split", sort=False) if key in last else ():
-        t = g[g.method == "target"]
-        tv = float(t[key].iloc[0]) if len(t) else math.nan
-        cells = [f"target {tv:.1f}" if _finite(tv) else "target —"]
-        for r in g[g.method != "target"].itertuples():
-            v = getattr(r, key)
-            cells.append(f"{r.method} {v:.1f}" if _finite(v) else f"{r.method} —")
-            if r.method in npo_family:
-                oks.append(bool(abs(v) < abs(tv)) if _finite(v, tv) else None)
-        parts.append(f"{split}: " + ", ".join(cells))
-    return Claim(f"{tag}: NPO-based unlearning moves privleak (Min-K%++ MIA, forget vs holdout, against the oracle) "
-                 "toward 0", "; ".join(parts) or "n/a", all_any(oks), "tofu_mini/last_epoch.md",
-                 "holds when every NPO-family run's last-epoch |privleak| is below the target's on its split; partly "
-                 "when some are; not measured without a holdout or an oracle AUC (privleak of each method listed)")
-
-
-#: how far below the target's judge log-likelihood per token NPO's may sit and still count as fluent
-FLUENT_TOLERANCE = 1.0
-
-
-def _fluency_claim(last: pd.DataFrame, tag: str) -> Claim:
-    """GA's greedy answers score lower under the judge than NPO's (CIs apart), and NPO's stay near the
-    target's own fluency (its CI reaches within :data:`FLUENT_TOLERANCE` nats/token of the target's)."""
-    key = "fluency_judge_logp"
-    parts, worse, fluent = [], [], []
-    for split, g in last.groupby("split", sort=False) if key in last else ():
-        ga, npo, tgt = g[g.method == "ga"], g[g.method == "npo"], g[g.method == "target"]
-        if not len(ga) or not len(npo):
-            continue
-        a, b = ga.iloc[0], npo.iloc[0]
-        if not _finite(a[key], a[f"{key}_hi"], b[key], b[f"{key}_lo"]):
-            worse.append(None)
-            continue
-        worse.append(bool(a[f"{key}_hi"] < b[f"{key}_lo"]))
-        t = tgt.iloc[0] if len(tgt) else None
-        if t is not None and _finite(t[key], t[f"{key}_lo"]):
-            fluent.append(bool(b[f"{key}_hi"] >= t[f"{key}_lo"] - FLUENT_TOLERANCE))
-        parts.append(f"{split}: judge log-lik/token GA {a[key]:.2f} [{a[f'{key}_lo']:.2f}, {a[f'{key}_hi']:.2f}] vs "
-                     f"NPO {b[key]:.2f} [{b[f'{key}_lo']:.2f}, {b[f'{key}_hi']:.2f}]"
-                     + (f" vs target {t[key]:.2f}" if t is not None else "")
-                     + f"; repetition GA {a['fluency_repetition']:.2f} vs NPO {b['fluency_repetition']:.2f}")
-    ga_worse = all_any(worse)
-    if ga_worse == HOLDS and fluent and not all(fluent):
-        ga_worse = PARTLY   # GA is worse, but NPO's answers are not fluent either
-    return Claim(f"{tag}: NPO's answers stay fluent while GA's turn to gibberish", "; ".join(parts) or "n/a",
-                 ga_worse, "tofu_mini/last_epoch.md",
-                 "holds when on every split GA's last-epoch judge log-likelihood per token (under the oracle) has its "
-                 "95% CI entirely below NPO's and NPO's CI reaches within "
-                 f"{FLUENT_TOLERANCE:g} nat/token of the target's; partly when GA is worse but NPO is not fluent, or "
-                 "on some splits only; identical models (CIs overlapping) fail")
-
-
-def claims(fig_dir: Path) -> list[Claim]:
-    """The TOFU rows of ``figures/REPORT.md``, from ``fig_dir/tofu_mini/`` (the committed outputs of
-    ``npo-tofu study --preset mini``: its ``summary.json`` and ``lm_curves.csv``)."""
-    mini = Path(fig_dir) / "tofu_mini"
-    if not (mini / "summary.json").exists():
-        return [Claim("TOFU at mini scale: NPO-based methods reach better forget quality at kept model utility than "
-                      "GA-based ones", "not run yet: `make tofu-mini`", NA, "tofu_mini/",
-                      "measured by `npo-tofu study --preset mini` (make tofu-mini)")]
-    s = json.loads((mini / "summary.json").read_text())
-    best = pd.DataFrame(s["best_fq"])
-    tag = f"TOFU mini ({s.get('settings', {}).get('model', '?')})"
-    fig = "tofu_mini/fq_mu_trajectories.png"
-    last = pd.DataFrame(s.get("last_epoch") or [], columns=list(LAST_COLUMNS))
-    return [_ga_destroys_utility(best, tag, fig), _npo_beats_ga(best, tag, fig),
-            _best_is_npo(best, tag, s.get("mu_fraction", 0.9)),
-            _divergence_law(pd.read_csv(mini / "lm_curves.csv"), tag),
-            _privleak_claim(last, tag), _fluency_claim(last, tag)]
-
-
-def sections(fig_dir: Path) -> list[tuple[str, str]]:
-    """Extra ``figures/REPORT.md`` sections from full_scale's committed outputs, as ``(title, markdown)``:
-    the dialect comparison (``tofu_mini/dialects.md``, written by ``npo-tofu compare-dialects``)."""
-    path = Path(fig_dir) / "tofu_mini" / "dialects.md"
-    if not path.is_file():
-        return []
-    intro = ("The tofu-mini study (mini-forget10) run end to end, fine-tuning included, in each dialect "
-             "(`npo-tofu study --dialect NAME`), with tiny-llama 1M; last-epoch FQ and MU per method. "
-             "`max abs Δ` is the largest move from the first column's dialect. The dialects' conventions are "
-             "the table in README.md (Dialects).")
-    return [("How much do conventions move the numbers?", intro + "\n\n" + path.read_text().strip())]

@@ -123,7 +123,7 @@ class StudyConfig:
     grid_betas: tuple[float, ...] = (1.0,)
     tune_split: str | None = None     #: where the grid runs, on its validation questions (default: forget[0])
     mu_fraction: float = 0.9          #: the MU floor of the selection and of the best-FQ table, × the target's
-    #: the divergence-law runs: plain SGD at this constant lr, no weight decay, on the tune split (None: none)
+    #: the divergence-law runs: plain SGD at this constant lr, no weight decay, on the tune split (None or 0: none)
     law_lr: float | None = None
     law_epochs: int = 20
     law_methods: tuple[str, ...] = ()  #: default: every method of the study
@@ -157,8 +157,8 @@ class StudyConfig:
         for name in ("grid_lrs", "grid_betas"):
             if any(not (v > 0) for v in getattr(self, name)):
                 raise UserError(f"{name} must be positive, got {', '.join(map(str, getattr(self, name)))}")
-        if self.law_lr is not None and not self.law_lr > 0:
-            raise UserError(f"law_lr must be positive, got {self.law_lr}")
+        if self.law_lr is not None and not self.law_lr >= 0:
+            raise UserError(f"law_lr must be ≥ 0 (0: no law runs), got {self.law_lr}")
         bad = [m for m in self.law_methods if m not in OBJECTIVES]
         if bad:
             raise UserError(f"unknown law method(s) {', '.join(bad)}; valid: {', '.join(OBJECTIVES)}")
@@ -349,7 +349,7 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
                     tag = f"lr {lr:g}" + (f" beta {beta:g}" if beta is not None else "")
                     unlearn(f"tune {f} {m} {tag}", "tune", 3, out / "tune" / f, f"{m}-{tag.replace(' ', '')}",
                             f, retain[f], m, "val", extra, cfg.seed)
-    if cfg.law_lr is not None:
+    if cfg.law_lr:
         f = cfg.tuned_on
         law = ["--optimizer", "sgd", "--lr-schedule", "constant", "--warmup-epochs", "0", "--weight-decay", "0",
                "--lr", f"{cfg.law_lr:g}", "--epochs", str(cfg.law_epochs)]

@@ -3,7 +3,7 @@
 Each setting in :mod:`npo_sim.settings` names the runs it contributes (``report_configs``); each run is
 a :func:`npo_sim.study.run_study`, which writes its own run directory and returns finished
 :class:`~npo_sim.claims.Claim` records. This module only orders, collects and renders them. The TOFU
-rows come from ``full_scale.report.claims`` when that package is installed (it reads the committed
+rows come from ``full_scale.tofu_claims.claims`` when that package is installed (it reads the committed
 ``tofu_mini/`` study outputs); npo_sim never reads full_scale's files itself.
 
 Default settings are each study's quick configuration (a minute or two on 2 cores); ``smoke`` shrinks
@@ -51,7 +51,7 @@ def tofu_claims(fig_dir: Path) -> list[C.Claim]:
         return [C.Claim("TOFU at mini scale: NPO-based methods reach better forget quality at kept model utility "
                         "than GA-based ones", "full_scale is not installed (pip install -e '.[full]')", C.NA,
                         "tofu_mini/")]
-    from full_scale.report import claims
+    from full_scale.tofu_claims import claims
 
     return claims(fig_dir)
 
@@ -60,7 +60,7 @@ def tofu_sections(fig_dir: Path) -> list[tuple[str, str]]:
     """Extra sections full_scale builds from its own committed outputs (the dialect comparison)."""
     if importlib.util.find_spec("full_scale") is None:
         return []
-    from full_scale.report import sections
+    from full_scale.tofu_claims import sections
 
     return sections(fig_dir)
 

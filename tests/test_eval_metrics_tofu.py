@@ -21,9 +21,8 @@ from full_scale.cli import main as tofu_main
 from full_scale.config import EvalSpec
 from full_scale.data import encode_answer, encode_prompt
 from full_scale.models import load_model
-from full_scale.report import LAST_COLUMNS, _fluency_claim, _privleak_claim, across_seeds, last_epoch_table
+from full_scale.report import across_seeds, last_epoch_table
 from npo_sim import metrics as M
-from npo_sim.claims import FAILS, HOLDS, NA, PARTLY
 from npo_sim.runio import UserError
 
 DS = 4
@@ -216,39 +215,6 @@ def test_auc_privleak_and_mu_cis():
 # --------------------------------------------------------------------------------------------------
 # the report and the study
 # --------------------------------------------------------------------------------------------------
-def _last(rows):
-    base = {c: math.nan for c in LAST_COLUMNS}
-    return pd.DataFrame([{**base, "epoch": 10, **r} for r in rows], columns=list(LAST_COLUMNS))
-
-
-def test_claims_can_fail():
-    ok = _last([{"split": "s", "method": "target", "privleak_min_k_plus_plus": 80.0},
-                {"split": "s", "method": "ga", "privleak_min_k_plus_plus": -60.0, "fluency_judge_logp": -9.0,
-                 "fluency_judge_logp_lo": -9.5, "fluency_judge_logp_hi": -8.5, "fluency_repetition": 0.7},
-                {"split": "s", "method": "npo", "privleak_min_k_plus_plus": 10.0, "fluency_judge_logp": -3.0,
-                 "fluency_judge_logp_lo": -3.4, "fluency_judge_logp_hi": -2.6, "fluency_repetition": 0.1},
-                {"split": "s", "method": "npo_rt", "privleak_min_k_plus_plus": 90.0}])
-    assert _fluency_claim(ok, "t").verdict == HOLDS
-    assert _privleak_claim(ok, "t").verdict == PARTLY   # npo below the target's |privleak|, npo_rt not
-    # the untouched target in place of both methods: the same numbers, CIs overlap -> does not hold
-    same = {"fluency_judge_logp": -3.0, "fluency_judge_logp_lo": -3.4, "fluency_judge_logp_hi": -2.6,
-            "fluency_repetition": 0.1, "privleak_min_k_plus_plus": 80.0}
-    untouched = _last([{"split": "s", "method": "target", "privleak_min_k_plus_plus": 80.0},
-                       {"split": "s", "method": "ga", **same}, {"split": "s", "method": "npo", **same}])
-    assert _fluency_claim(untouched, "t").verdict == FAILS
-    assert _privleak_claim(untouched, "t").verdict == FAILS
-    assert _fluency_claim(_last([]), "t").verdict == NA
-    # GA worse than NPO, but NPO far below the target's own fluency (more than 1 nat/token): partly
-    j = lambda v: {"fluency_judge_logp": v, "fluency_judge_logp_lo": v - 0.3, "fluency_judge_logp_hi": v + 0.3,  # noqa: E731
-                   "fluency_repetition": 0.5}
-    both_bad = _last([{"split": "s", "method": "target", **j(-3.0)}, {"split": "s", "method": "ga", **j(-12.0)},
-                      {"split": "s", "method": "npo", **j(-9.0)}])
-    assert _fluency_claim(both_bad, "t").verdict == PARTLY
-    near = _last([{"split": "s", "method": "target", **j(-3.0)}, {"split": "s", "method": "ga", **j(-12.0)},
-                  {"split": "s", "method": "npo", **j(-3.5)}])
-    assert _fluency_claim(near, "t").verdict == HOLDS
-
-
 def test_last_epoch_table_and_across_seeds():
     curve = pd.DataFrame({"epoch": [1, 2], "forget_quality": [0.1, 0.2], "forget_quality_lo": [0.05, 0.1],
                           "forget_quality_hi": [0.3, 0.4], "model_utility": [0.5, 0.4]})
@@ -266,19 +232,21 @@ def test_last_epoch_table_and_across_seeds():
 
 
 def test_study_seeds_and_select(capsys):
-    argv = ["study", "--model", "tiny-llama:1m", "--methods", "ga,npo", "--out", "/nonexistent/s", "--dry-run"]
+    argv = ["study", "--model", "tiny-llama:1m", "--methods", "ga,npo", "--out", "/nonexistent/s", "--dry-run",
+            "--select", "last"]
     assert tofu_main(argv + ["--seeds", "0,1,2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 + 4 + 2 * 2 * 3
-    unlearn = [ln for ln in lines if " unlearn " in ln]
+    assert len(lines) == 3 + 4 + 2 + 2 * 2 * 3   # fine-tunes, evals, SGD law runs, splits x methods x seeds
+    unlearn = [ln for ln in lines if "/unlearn/" in ln]
     assert {f"/unlearn/mini-forget10/seed-{s}/ga-" in " ".join(unlearn) for s in (0, 1, 2)} == {True}
     assert all(any(f"--seed {s} --out " in ln for s in (0, 1, 2)) for ln in unlearn)
     assert all("--eval-judge-model /nonexistent/s/finetuned/oracle-" in ln for ln in unlearn)
     assert all("--judge-model /nonexistent/s/finetuned/oracle-" in ln for ln in lines if " eval " in ln)
     from full_scale.study import study_config
 
-    cfg = study_config("mini", methods=("ga",), seeds=(0, 1))
+    cfg = study_config("mini", methods=("ga",), seeds=(0, 1), select="last")
     assert cfg.settings()["seeds"] == [0, 1] and cfg.settings()["select"] == "last"
+    assert study_config("mini").settings()["select"] == "val"   # the preset's declared protocol
     assert "last epoch" in cfg.settings()["select_rule"]
     assert tofu_main(argv + ["--seeds", "0,x"]) == 2
     assert tofu_main(argv + ["--seeds", "1,1"]) == 2

@@ -13,7 +13,8 @@ import pytest
 
 from full_scale.cli import main as tofu_main
 from full_scale.evaluate import CURVE_COLUMNS
-from full_scale.report import best_fq_row, build_report, claims, lm_curves, load_run
+from full_scale.report import best_fq_row, build_report, lm_curves, load_run
+from full_scale.tofu_claims import claims
 from npo_sim.claims import NA, VERDICTS
 from npo_sim.plots.side_by_side import fit_series, plot_side_by_side
 from npo_sim.runio import UserError
@@ -147,9 +148,11 @@ def test_side_by_side(tmp_path):
 
 def test_study_plan_dry_run(capsys):
     """The stage plan (no training): mini defaults, and the full-TOFU GPU path with an accelerate launcher."""
-    rc = tofu_main(["study", "--model", "tiny-llama:1m", "--methods", "ga,npo", "--out", "/nonexistent/s", "--dry-run"])
+    rc = tofu_main(["study", "--model", "tiny-llama:1m", "--methods", "ga,npo", "--out", "/nonexistent/s", "--dry-run",
+                    "--select", "last", "--seeds", "0"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 3 + 4 + 4  # 3 fine-tunes, 2 evals x 2 splits, 2 methods x 2 splits
+    # 3 fine-tunes, 2 evals x 2 splits, 2 law runs (SGD), 2 methods x 2 splits
+    assert rc == 0 and len(lines) == 3 + 4 + 2 + 4
     assert "--split retain90" in lines[1] and "--split retain50" in lines[2]
     assert "--ds-size 40 --max-new-tokens 32" in lines[3]
     assert re.search(r"--retain-log /nonexistent/s/eval/oracle-mini-forget50-[0-9a-f]{12}/eval_log_aggregated.json",
@@ -159,7 +162,8 @@ def test_study_plan_dry_run(capsys):
                     "--launcher", "accelerate launch --config_file full_scale/accelerate/single_gpu.yaml",
                     "--out", "/nonexistent/t", "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 2 + 2 + 1
+    # 2 fine-tunes, oracle + target evals on val and test, the grid (3 lrs x 2 betas), then the finals
+    assert rc == 0 and len(lines) == 2 + 4 + 6 + 1 and lines[-1].startswith("# then 3 final runs")
     launcher = "accelerate launch --config_file full_scale/accelerate/single_gpu.yaml"
     assert lines[0].startswith(f"{launcher} -m full_scale.cli")
     assert "--split retain90" in lines[1] and "--ds-size 300 --max-new-tokens 128" in lines[2]
@@ -173,7 +177,8 @@ def test_study_stage_dirs_are_named_by_what_they_compute():
     from full_scale.study import plan, stage_key, study_config
 
     def dirs(**kw):
-        return {st.name: st.out for st in plan(study_config("mini", model="tiny-llama:1m", out="/x/s", **kw))}
+        cfg = study_config("mini", model="tiny-llama:1m", out="/x/s", select="last", seeds=(0,), law_lr=0, **kw)
+        return {st.name: st.out for st in plan(cfg)}
 
     base = dirs(methods=("ga",))
     more = dirs(methods=("ga", "npo"))
