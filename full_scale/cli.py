@@ -371,9 +371,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", default=None,
                    help="prefix of training stages, e.g. "
                         "'accelerate launch --config_file full_scale/accelerate/multi_gpu.yaml'")
-    p.add_argument("--theory-dir", default="runs/figures/theory", help="logistic lab run (computed --quick if absent)")
+    p.add_argument("--theory-dir", default="runs/figures/theory",
+                   help="logistic lab run (computed --quick if absent; '' = no such panel)")
     p.add_argument("--markov-dir", default="runs/figures/markov_divergence",
-                   help="Markov divergence run (computed --quick if absent)")
+                   help="Markov divergence run (computed --quick if absent; '' = no such panel)")
     p.add_argument("--train-args", default="",
                    help="extra flags for every finetune/unlearn stage, e.g. '--dtype float32' under FSDP")
     p.add_argument("--jobs", type=int, default=1, help="stages run at once within a group (CPU: 1-2)")

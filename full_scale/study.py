@@ -83,7 +83,7 @@ PRESET_DEFAULTS = {
 }
 #: ``--quick``: a smoke-sized mini study (CI): one split, two methods, two seeds, tiny-llama 1M, 1-epoch runs
 QUICK = {"model": "tiny-llama:1m", "forget": ("mini-forget10",), "methods": ("ga", "npo"), "finetune_epochs": 1,
-         "epochs": 1, "eval_ds_size": 20, "eval_max_new_tokens": 4, "grid_lrs": (1e-3,), "grid_betas": (1.0,),
+         "epochs": 1, "eval_ds_size": 8, "eval_max_new_tokens": 4, "grid_lrs": (1e-3,), "grid_betas": (1.0,),
          "seeds": (0, 1), "law_epochs": 1, "law_methods": ("ga",)}
 
 
@@ -494,16 +494,17 @@ def run_stages(stages: list[Stage], out: Path, jobs: int, timings: dict, timings
     return failed
 
 
-def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path, Path]:
-    """The logistic-lab trajectories and Markov divergence curves, computed at --quick when absent."""
-    th, mk = Path(cfg.theory_dir), Path(cfg.markov_dir)
+def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path | None, Path | None]:
+    """The logistic-lab trajectories and Markov divergence curves, computed at --quick when absent (an
+    empty ``theory_dir`` / ``markov_dir``: that panel is left out)."""
+    th, mk = (Path(cfg.theory_dir) if cfg.theory_dir else None), (Path(cfg.markov_dir) if cfg.markov_dir else None)
     for d, name, cmd in ((th, "trajectories.csv", ["theory", "--quick"]),
                          (mk, "curves.csv", ["markov", "--preset", "divergence", "--quick"])):
-        if not (d / name).is_file():
+        if d is not None and not (d / name).is_file():
             st = Stage(f"npo-sim {cmd[0]}", "side", -1, d,
                        (sys.executable, "-m", "npo_sim.cli", *cmd, "--out", str(d), "--figures", ""), done=False)
             _run_stage(st, _stage_log(out, st.name))
-    return th / "trajectories.csv", mk / "curves.csv"
+    return (th / "trajectories.csv" if th else None), (mk / "curves.csv" if mk else None)
 
 
 # --------------------------------------------------------------------------------------------------
