@@ -127,6 +127,8 @@ def add_unlearn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-questions", choices=("all", "val", "test"), default=None,
                    help="per-epoch eval: all questions (default), or only the val/test questions of every eval set "
                         "(full_scale.data: positions 0,5,10,15 of each author are val); the --retain-log must match")
+    p.add_argument("--eval-epochs", choices=("every", "last"), default=None,
+                   help="with --eval-every-epoch: evaluate after every epoch (default) or after the last one only")
     _common_arguments(p)
 
 
@@ -180,7 +182,7 @@ def unlearn_job(args) -> C.TrainJob:
                                gen_batch_size=args.eval_gen_batch_size,
                                allow_mismatched_logs=args.allow_mismatched_logs or None,
                                holdout_file=args.eval_holdout_file, judge_model=args.eval_judge_model,
-                               questions=args.eval_questions)
+                               questions=args.eval_questions, epochs=args.eval_epochs)
     return C.TrainJob(run, spec, ev)
 
 

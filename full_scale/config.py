@@ -50,6 +50,8 @@ OPTIMIZERS = ("adamw", "sgd")
 #: ``linear``: warm-up, then linear decay to 0; ``constant``: warm-up, then lr for every step
 #: (``warmup_epochs=0`` for a constant step size from the first step)
 LR_SCHEDULES = ("linear", "constant")
+#: when ``--eval-every-epoch`` evaluates: after ``every`` epoch, or after the ``last`` one only
+EVAL_EPOCHS = ("every", "last")
 _MODEL_REQUIRED = "model is required (an HF id, a local checkpoint or tiny-llama[:SIZE])"
 
 
@@ -220,6 +222,7 @@ class EvalSpec:
     dialect: str = "npo-sim"         #: tokenisation, generation budget, CE precision, truth ratio (full_scale.dialects)
     allow_mixed_dialects: bool = False  #: a retain log of another dialect: compared anyway (else an error)
     questions: str = "all"           #: all, or the val/test questions of every eval set (full_scale.data)
+    epochs: str = "every"            #: the per-epoch evaluation after every epoch, or only after the ``last``
 
     def __post_init__(self) -> None:
         from .data import QUESTION_SUBSETS
@@ -227,6 +230,7 @@ class EvalSpec:
         _at_least_1(self, ("ds_size", "batch_size", "max_new_tokens", "n_boot"))
         get_dialect(self.dialect)
         _choice("questions", self.questions, QUESTION_SUBSETS)
+        _choice("epochs", self.epochs, EVAL_EPOCHS)
         if self.gen_batch_size is not None:
             _at_least_1(self, ("gen_batch_size",))
 

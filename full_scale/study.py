@@ -326,8 +326,10 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
                                     1 if who == "oracle" else 2, e, (*py, *tofu, *args, "--out", str(e)),
                                     done=(e / "summary.json").is_file(), threads=cfg.threads))
 
-    def unlearn(name, kind, group, d_parent, slug, f, r, m, q, extra, seed, eval_every=True, base=ul) -> None:
-        evals = ("--eval-every-epoch", "--eval-batch-size", str(cfg.eval_batch_size), "--eval-max-new-tokens",
+    def unlearn(name, kind, group, d_parent, slug, f, r, m, q, extra, seed, eval_every=True, base=ul,
+                eval_last=False) -> None:
+        evals = ("--eval-every-epoch", *(["--eval-epochs", "last"] if eval_last else []),
+                 "--eval-batch-size", str(cfg.eval_batch_size), "--eval-max-new-tokens",
                  str(cfg.eval_max_new_tokens), "--eval-ds-size", str(cfg.eval_ds_size),
                  "--retain-log", str(oracle_log[f, q]), "--eval-judge-model", str(oracle[f] / "model"),
                  *_flags((("--eval-holdout-file", cfg.holdout_file),)),
@@ -369,8 +371,10 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
                              *_flags((("--beta", hp.get("beta")),))]
                 else:
                     extra = _flags((("--epochs", cfg.epochs), ("--lr", cfg.lr)))
+                # the first seed draws the trajectories (every epoch); the others are read at their last epoch
                 unlearn(f"unlearn {f} {m}" + (f" seed {seed}" if several else ""), "unlearn", 4 if tuned else 3,
-                        out / "unlearn" / f / (f"seed-{seed}" if several else ""), m, f, r, m, q, extra, seed)
+                        out / "unlearn" / f / (f"seed-{seed}" if several else ""), m, f, r, m, q, extra, seed,
+                        eval_last=tuned and seed != cfg.unlearn_seeds[0])
     return stages
 
 

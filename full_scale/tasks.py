@@ -589,7 +589,7 @@ class UnlearnTask:
             s.write_log()
             if s.acc.is_main_process:
                 write_json(s.out / GREEDY_LOG, self.greedy_log)
-        if self.eval_inputs is not None:
+        if self.eval_inputs is not None and (self.job.eval.epochs == "every" or epoch == self.job.run.epochs):
             if s.acc.is_main_process:
                 from .evaluate import evaluate_epoch
 

@@ -315,3 +315,23 @@ def test_evaluate_epoch_grows_the_curve(tiny, tofu_data_dir, tmp_path):
     assert not model.training
     with pytest.raises(UserError, match="retain_log"):
         cli.unlearn_job(cli.parser().parse_args(argv))
+
+
+def test_eval_epochs_last_is_the_last_row_of_every(ckpt, tofu_data_dir, tmp_path):
+    """--eval-epochs last evaluates once, after the last epoch, and that row equals the same run's last row
+    under --eval-epochs every (training does not depend on the evaluation)."""
+    logdir = tmp_path / "oracle"
+    assert cli.main(["eval", "--model", str(ckpt), "--forget-split", "mini-forget10", "--ds-size", "2",
+                     "--max-new-tokens", "4", "--data-dir", str(tofu_data_dir), "--out", str(logdir)]) == 0
+    base = ["unlearn", "--preset", "mini", "--forget", "forget10", "--model", str(ckpt), "--method", "npo",
+            "--data-dir", str(tofu_data_dir), "--epochs", "2", "--batch-size", "20",
+            "--eval-every-epoch", "--eval-ds-size", "2", "--eval-max-new-tokens", "4", "--no-progress",
+            "--retain-log", str(logdir / "eval_log_aggregated.json")]
+    every, last = tmp_path / "every", tmp_path / "last"
+    assert cli.main(base + ["--out", str(every)]) == 0
+    assert cli.main(base + ["--eval-epochs", "last", "--out", str(last)]) == 0
+    a, b = pd.read_csv(every / "eval_curve.csv"), pd.read_csv(last / "eval_curve.csv")
+    assert a["epoch"].tolist() == [1, 2] and b["epoch"].tolist() == [2]
+    cols = ["forget_quality", "model_utility", "forget_rouge", "forget_prob"]
+    assert b[cols].iloc[0].tolist() == pytest.approx(a[cols].iloc[1].tolist())
+    assert json.loads((last / "config.json").read_text())["eval"]["epochs"] == "last"
