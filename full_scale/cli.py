@@ -354,8 +354,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-split", default=None, help="forget split of the grid (default: the first)")
     p.add_argument("--mu-fraction", type=float, default=None, help="MU floor of the selection, x target MU (0.9)")
     p.add_argument("--law-lr", type=float, default=None,
-                   help="lr of the SGD constant-step divergence-law runs (mini 0.01; tofu: none; 0: none)")
-    p.add_argument("--law-epochs", type=int, default=None, help="epochs of the law runs (20)")
+                   help="lr of the SGD constant-step divergence-law runs (mini 0.02; tofu: none; 0: none)")
+    p.add_argument("--law-epochs", type=int, default=None, help="epochs of the law runs (10)")
     p.add_argument("--law-methods", default=None, help="comma list (default: the study's methods)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (preset default)")
     p.add_argument("--lr", type=float, default=None, help="unlearning lr (preset default)")

@@ -68,14 +68,15 @@ PRESET_DEFAULTS = {
     # 5M, 30 epochs at lr 2e-3: forget ROUGE-L 0.861 and MU 0.886 at epochs 25 and 30, train loss 0.05 -> 0.03
     # (measured on the 617-QA corpus; README "the tofu-mini study")
     # unlearning: AdamW at a constant lr after one warm-up epoch, so epoch k of a run *is* a k-epoch run and the
-    # grid's epoch axis is read off each run's per-epoch evaluation; the law runs: plain SGD, constant lr 0.01,
-    # no weight decay (at 0.02-0.05 GA's loss turns non-finite within 100 steps; measured)
+    # grid's epoch axis is read off each run's per-epoch evaluation; the law runs: plain SGD, constant lr 0.02,
+    # no weight decay, 50 steps on mini-forget10 (measured on the 5M target: GA at 0.02 is finite at step 61 and
+    # at 0.05 turns non-finite at step 40; NPO at 0.05 plateaus within 20 steps)
     "mini": {"model": "tiny-llama:5m", "forget": ("mini-forget10", "mini-forget50"), "out": "runs/tofu-mini",
              "methods": tuple(OBJECTIVES),
              "eval_ds_size": 40, "eval_max_new_tokens": 32, "eval_batch_size": 64, "finetune_epochs": 30,
              "finetune_lr": 2e-3, "epochs": 5, "lr_schedule": "constant", "select": "val",
              "grid_lrs": (3e-4, 1e-3, 3e-3), "grid_betas": (1.0, 5.0), "seeds": (0, 1, 2),
-             "law_lr": 0.01, "law_epochs": 20},
+             "law_lr": 0.02, "law_epochs": 10},
     "tofu": {"forget": ("forget10",), "out": "runs/tofu", "eval_ds_size": 300, "eval_max_new_tokens": 128,
              "methods": tuple(OBJECTIVES),
              "epochs": 10, "lr_schedule": "constant", "select": "val", "grid_lrs": (5e-6, 1e-5, 2e-5),
@@ -125,7 +126,7 @@ class StudyConfig:
     mu_fraction: float = 0.9          #: the MU floor of the selection and of the best-FQ table, × the target's
     #: the divergence-law runs: plain SGD at this constant lr, no weight decay, on the tune split (None or 0: none)
     law_lr: float | None = None
-    law_epochs: int = 20
+    law_epochs: int = 10
     law_methods: tuple[str, ...] = ()  #: default: every method of the study
     holdout_file: str | None = None   #: non-member QA of the MIAs/privleak (tofu-mini: its own holdout)
     dialect: str = "npo-sim"          #: every stage's conventions (full_scale.dialects)
