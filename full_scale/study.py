@@ -51,8 +51,8 @@ NOTES_HEADING = "## Reading these results"
 #: small report files copied into figures/<study>/
 REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_curves.csv", "lm_curves.csv",
                 "last_epoch.csv", "last_epoch.md", "seeds.csv", "seeds.md", "summary.json", "side_by_side.png",
-                "results.md", "timings.json", "grid.csv", "selection.csv", "selection.md", "law.csv", "law.md",
-                "law_curves.csv", "law_curves.png")
+                "results.md", "timings.json", "best_fq_ci.md", "grid.csv", "selection.csv", "selection.md", "law.csv",
+                "law.md", "law_curves.csv", "law_curves.png")
 #: the divergence law Theorem 2 predicts for the side-by-side fits (a claim about these two methods)
 LAW = {"ga": "linear", "npo": "log"}
 #: declared model-selection rules (the report shows the selected epoch of every run)
@@ -515,6 +515,31 @@ def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path | None, Path | None]
 # --------------------------------------------------------------------------------------------------
 # the report
 # --------------------------------------------------------------------------------------------------
+def best_fq_ci_markdown(seed_table: pd.DataFrame, targets: dict, mu_fraction: float, n_seeds: int) -> str:
+    """Per split: the methods whose mean MU across seeds keeps ≥ mu_fraction × the target's, by mean FQ,
+    with the 95% t-intervals of FQ and MU; then those that do not keep MU."""
+    from .report import _with_ci
+
+    lines = []
+    for split, g in seed_table.groupby("split", sort=False):
+        t = targets.get(split, {})
+        floor = mu_fraction * t["model_utility"] if "model_utility" in t else float("nan")
+        stat = {m: {r.metric: r for r in h.itertuples()} for m, h in g.groupby("method", sort=False)}
+        rows = sorted(stat.items(), key=lambda kv: -kv[1]["forget_quality"].mean)
+        lines += [f"**{split}** (target MU {t.get('model_utility', float('nan')):.3f}, FQ "
+                  f"{t.get('forget_quality', float('nan')):.2g}; MU floor {floor:.3f})", "",
+                  "| method | FQ | MU | keeps MU |", "|---|---|---|---|"]
+        for keep in (True, False):
+            for m, st in rows:
+                fq, mu = st["forget_quality"], st["model_utility"]
+                if (mu.mean >= floor) == keep:
+                    lines.append(f"| {label(m)} | {_with_ci(fq.mean, fq.lo, fq.hi, '.2g')} | "
+                                 f"{_with_ci(mu.mean, mu.lo, mu.hi, '.3f')} | {'yes' if keep else 'no'} |")
+        lines.append("")
+    return "\n".join(lines) + ("Test questions, the selected configuration of every method; mean and 95% t-interval "
+                               f"over {n_seeds} seeds; methods that keep MU first, by mean FQ.\n")
+
+
 def _law_report(cfg: StudyConfig, stages: list[Stage], report_dir: Path) -> list[dict]:
     """law.csv, law.md, law_curves.csv and law_curves.png from the law runs (none: nothing written)."""
     from .laws import law_markdown, law_table, load_law_runs, plot_laws
@@ -542,7 +567,8 @@ def _law_report(cfg: StudyConfig, stages: list[Stage], report_dir: Path) -> list
 
 
 def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets: dict, side_fits: dict,
-                     last_md: str = "", seeds_md: str = "", selection_md: str = "", law_md: str = "") -> str:
+                     last_md: str = "", seeds_md: str = "", selection_md: str = "", law_md: str = "",
+                     best_ci_md: str = "") -> str:
     lines = [f"# tofu-{settings['preset']} study", "",
              f"Model `{settings['model']}`; forget splits {', '.join(settings['forget'])}; methods "
              f"{', '.join(settings['methods'])}.",
@@ -571,6 +597,9 @@ def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets
         lines += ["", "## Selected epoch (seed " + str(settings["seeds"][0]) + "), with 95% bootstrap CIs over "
                   "test questions" if tuning else "## Last epoch, with 95% bootstrap CIs over questions", "", last_md]
     if seeds_md:
+        if best_ci_md:
+            lines += ["", f"## Best forget quality at MU ≥ {settings.get('mu_fraction', 0.9):g} × target MU, across "
+                      "seeds", "", best_ci_md]
         lines += ["", "## Across seeds", "", seeds_md]
     lines += ["", "## Best forget quality at MU ≥ 0.9 × target MU (epoch picked on the test set)", "",
               table_markdown(table), "— : no evaluated epoch kept MU above the threshold. This table picks each "
@@ -629,6 +658,8 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
         seed_table = across_seeds(tables)
         write_csv(report_dir / "seeds.csv", seed_table)
         write_text(report_dir / "seeds.md", seeds_markdown(seed_table, list(tables)))
+        write_text(report_dir / "best_fq_ci.md", best_fq_ci_markdown(seed_table, load_target_evals(targets),
+                                                                     cfg.mu_fraction, len(tables)))
         summary["seeds"] = {"seeds": list(tables), "across_seeds": seed_table.to_dict("records"),
                             "figures_and_tables_of_seed": seeds[0]}
     law_summary = _law_report(cfg, stages, report_dir)
@@ -654,7 +685,8 @@ def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: P
     write_text(report_dir / "results.md", results_markdown(settings, timings, table, load_target_evals(targets), fits,
                                                            read("last_epoch.md"),
                                                            read("seeds.md") if len(seeds) > 1 else "",
-                                                           read("selection.md"), read("law.md")))
+                                                           read("selection.md"), read("law.md"),
+                                                           read("best_fq_ci.md") if len(seeds) > 1 else ""))
     write_json(report_dir / "timings.json", timings)
     if cfg.figures:
         dest = Path(cfg.figures) / f"tofu_{cfg.preset}"
