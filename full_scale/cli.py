@@ -348,7 +348,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
                    help="smoke-sized mini study: tiny-llama 1M, mini-forget10, ga and npo, 2 seeds, 1-epoch runs")
     p.add_argument("--lr-schedule", default=None, choices=("linear", "constant"),
                    help="of the unlearning runs (preset default constant, so epoch k of a run is a k-epoch run)")
-    p.add_argument("--grid-lrs", default=None, help="comma list: the tuning grid's lrs (mini 3e-4,1e-3,3e-3)")
+    p.add_argument("--grid-lrs", default=None, help="comma list: the tuning grid's lrs (mini 1e-4,3e-4,1e-3)")
     p.add_argument("--grid-betas", default=None,
                    help="comma list of factors x the registry beta of NPO-family methods (default 1,5)")
     p.add_argument("--tune-split", default=None, help="forget split of the grid (default: the first)")
