@@ -168,6 +168,7 @@ class StudyConfig:
                 "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size,
                 "out": self.out, "seeds": list(self.unlearn_seeds), "select": self.select,
                 "select_rule": SELECTIONS[self.select], "holdout_file": self.holdout_file, "dialect": self.dialect,
+                "finetune_epochs": self.finetune_epochs, "finetune_lr": self.finetune_lr,
                 "epochs": self.epochs, "lr": self.lr, "lr_schedule": self.lr_schedule, "mu_fraction": self.mu_fraction,
                 **({"tuning": {"split": self.tuned_on, "lrs": list(self.grid_lrs),
                                "beta_factors": list(self.grid_betas), "beta_family": "npo",
@@ -526,6 +527,11 @@ def run_study(cfg: StudyConfig, dry_run: bool = False, report_only: bool = False
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     t_all = time.time()
+    print(f"study: {cfg.model}, fine-tuned {cfg.finetune_epochs or 'preset'} epochs at lr "
+          f"{cfg.finetune_lr or 'preset'}; {len(cfg.methods)} methods on {', '.join(cfg.forget)}; select {cfg.select}"
+          + (f" (grid lr {', '.join(f'{x:g}' for x in cfg.grid_lrs)} x epochs 1..{cfg.epochs} x NPO-family beta "
+             f"factors {', '.join(f'{x:g}' for x in cfg.grid_betas)} on {cfg.tuned_on} val)" if cfg.select == "val"
+             else "") + f"; seeds {', '.join(map(str, cfg.unlearn_seeds))}", flush=True)
     print(f"study: {len(stages)} stages ({sum(st.done for st in stages)} done), jobs={cfg.jobs}, "
           f"stage logs in {out / 'logs'}", flush=True)
     if until is not None:
