@@ -46,7 +46,8 @@ SELECTIONS = {
     "last": "one run per method at --lr and --epochs, reported at its last epoch (nothing is picked on the test set)",
     "val": "per method, the grid point (lr, β, epoch) of the tuning runs with the highest forget quality on the "
            "validation questions among those whose validation MU is at least mu_fraction × the target's (none: the "
-           "highest validation MU; ties: higher MU, then the lower lr, smaller β, earlier epoch); every seed and "
+           "highest validation MU); ties (FQ on few questions takes few values): the lower validation forget "
+           "ROUGE-L (more forgotten), then higher MU, the lower lr, smaller β, earlier epoch; every seed and "
            "forget split is then run for that many epochs at that lr and β and reported on the test questions",
 }
 #: per preset: default model, forget splits, output directory, eval questions and answer tokens
@@ -404,8 +405,11 @@ def select_configs(cfg: StudyConfig, stages: list[Stage]) -> tuple[dict, pd.Data
     chosen = {}
     for m, g in grid.groupby("method", sort=False):
         kept = g[g.kept_mu]
-        pool, key = (kept, ["val_fq", "val_mu"]) if len(kept) else (g, ["val_mu", "val_fq"])
-        best = pool.sort_values([*key, "lr", "beta", "epoch"], ascending=[False, False, True, True, True]).iloc[0]
+        if len(kept):
+            pool, key, desc = kept, ["val_fq", "val_forget_rouge", "val_mu"], [False, True, False]
+        else:
+            pool, key, desc = g, ["val_mu", "val_fq"], [False, False]
+        best = pool.sort_values([*key, "lr", "beta", "epoch"], ascending=[*desc, True, True, True]).iloc[0]
         default_beta = float(OBJECTIVES[m].beta)
         chosen[m] = {"lr": float(best.lr), "beta": None if best.beta == default_beta else float(best.beta),
                      "beta_value": float(best.beta), "epochs": int(best.epoch), "val_fq": float(best.val_fq),

@@ -82,7 +82,7 @@ def _write_tune(st, rows):
 
 def test_select_configs_by_hand(tmp_path):
     """Highest val FQ among the points that keep val MU ≥ 0.9 x target; none kept: the highest MU; ties:
-    higher MU, then lower lr, earlier epoch."""
+    lower val forget ROUGE, then higher MU, then lower lr, earlier epoch."""
     cfg = _cfg(tmp_path / "s", grid_lrs=(1e-3, 3e-3), grid_betas=(1.0, 5.0))
     stages = plan(cfg)
     tgt = next(st for st in stages if st.name == "eval target on mini-forget10 (val)")
@@ -111,6 +111,12 @@ def test_select_configs_by_hand(tmp_path):
         pd.DataFrame(pts((0.3, 0.76))).to_csv(index=False))
     chosen, _ = select_configs(cfg, stages)
     assert (chosen["npo"]["lr"], chosen["npo"]["beta"], chosen["npo"]["epochs"]) == (3e-3, 0.5, 1)
+    # equal FQ: the point that forgot more (lower forget ROUGE) wins over a higher MU
+    rows = pts((0.3, 0.8), (0.3, 0.75))
+    rows[1]["forget_rouge"] = 0.1
+    (runs["npo", "0.001", "0.5"].out / "eval_curve.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
+    chosen, _ = select_configs(cfg, stages)
+    assert (chosen["npo"]["lr"], chosen["npo"]["beta"], chosen["npo"]["epochs"]) == (1e-3, 0.5, 2)
 
 
 # --------------------------------------------------------------------------------------------------
