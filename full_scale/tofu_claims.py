@@ -155,8 +155,8 @@ def _law_ga_npo(law: pd.DataFrame, tag: str, settings: dict) -> Claim:
             f"(p {npo.growth_exponent:.2f})")
     return Claim(f"{tag}: divergence law on the LM (GA linear, NPO logarithmic in the step)", meas,
                  HOLDS if ok_ga and ok_npo and apart else PARTLY if apart else FAILS, "tofu_mini/law_curves.png",
-                 "plain SGD at a constant lr, no weight decay: holds when GA's growth exponent p ≥ 0.8, NPO's p < 0.5 "
-                 "and GA ends more than 2× farther from θ_0; partly when only the last holds")
+                 "plain SGD at a constant lr, no weight decay: holds when GA's growth exponent 0.8 ≤ p ≤ 1.25, NPO's "
+                 "p < 0.5 and GA ends more than 2× farther from θ_0; partly when only the last holds")
 
 
 def _law_all(law: pd.DataFrame, tag: str) -> Claim:
@@ -172,7 +172,8 @@ def _law_all(law: pd.DataFrame, tag: str) -> Claim:
                  f"{len(yes)} of {len(ok)} follow" + (f"; not: {', '.join(no)}" if no else ""), all_any(ok),
                  "tofu_mini/law.md",
                  "per method with a law (linear, log, converges), the SGD run's growth exponent p of ‖θ−θ_0‖ over the "
-                 "second half: linear p ≥ 0.8, log p < 0.5, converges p < 0.1; holds when all follow, partly when some")
+                 "second half: linear 0.8 ≤ p ≤ 1.25, log p < 0.5, converges p < 0.1; holds when all follow, partly "
+                 "when some")
 
 
 def _privleak(iv: Intervals, tag: str) -> Claim:

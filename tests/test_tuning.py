@@ -141,6 +141,7 @@ def test_growth_exponent_on_closed_forms():
 def test_law_rows_follow_or_not():
     t = np.arange(1, 101, dtype=float)
     assert L.law_row("ga", _log(0.3 * t), "finished")["follows"] is True          # linear, predicted linear
+    assert L.law_row("ga", _log(0.02 * t ** 2), "finished")["follows"] is False   # faster than linear: not the law
     assert L.law_row("ga", _log(np.log1p(t)), "finished")["follows"] is False     # log growth is not GA's law
     assert L.law_row("npo", _log(np.log1p(t)), "finished")["follows"] is True
     assert L.law_row("npo", _log(0.3 * t), "finished")["follows"] is False
