@@ -492,6 +492,19 @@ def run_stages(stages: list[Stage], out: Path, jobs: int, timings: dict, timings
     return failed
 
 
+def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path | None, Path | None]:
+    """The logistic-lab trajectories and Markov divergence curves, computed at --quick when absent (an
+    empty ``theory_dir`` / ``markov_dir``: that panel is left out)."""
+    th, mk = (Path(cfg.theory_dir) if cfg.theory_dir else None), (Path(cfg.markov_dir) if cfg.markov_dir else None)
+    for d, name, cmd in ((th, "trajectories.csv", ["theory", "--quick"]),
+                         (mk, "curves.csv", ["markov", "--preset", "divergence", "--quick"])):
+        if d is not None and not (d / name).is_file():
+            st = Stage(f"npo-sim {cmd[0]}", "side", -1, d,
+                       (sys.executable, "-m", "npo_sim.cli", *cmd, "--out", str(d), "--figures", ""), done=False)
+            _run_stage(st, _stage_log(out, st.name))
+    return (th / "trajectories.csv" if th else None), (mk / "curves.csv" if mk else None)
+
+
 def _select(cfg: StudyConfig, stages: list[Stage]) -> dict:
     """Select on the grid, write ``tune/grid.csv``, ``selection.csv``, ``selection.md`` and
     ``selection.json``, and return the selection."""
@@ -558,7 +571,7 @@ def run_study(cfg: StudyConfig, dry_run: bool = False, report_only: bool = False
         raise UserError(f"{sel_path}: no selection yet (run the study first)")
     from .study_report import report
 
-    table = report(cfg, stages, timings, timings_path, t_all)
+    table = report(cfg, stages, timings, timings_path, t_all, side=_side_inputs(cfg, out))
     print(table_markdown(table))
     print(f"study done in {time.time() - t_all:.0f} s -> {out / 'report'}")
     return 0

@@ -8,9 +8,9 @@ alone on whatever has finished.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -26,7 +26,9 @@ from .report import (
     seeds_markdown,
     table_markdown,
 )
-from .study import SELECTIONS, Stage, StudyConfig, _run_stage, _stage_log
+
+if TYPE_CHECKING:
+    from .study import Stage, StudyConfig
 
 #: a hand-written section of figures/<study>/results.md that a re-run keeps
 NOTES_HEADING = "## Reading these results"
@@ -37,19 +39,6 @@ REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_cur
                 "law.md", "law_curves.csv", "law_curves.png")
 #: the divergence law Theorem 2 predicts for the side-by-side fits (a claim about these two methods)
 LAW = {"ga": "linear", "npo": "log"}
-
-def _side_inputs(cfg: StudyConfig, out: Path) -> tuple[Path | None, Path | None]:
-    """The logistic-lab trajectories and Markov divergence curves, computed at --quick when absent (an
-    empty ``theory_dir`` / ``markov_dir``: that panel is left out)."""
-    th, mk = (Path(cfg.theory_dir) if cfg.theory_dir else None), (Path(cfg.markov_dir) if cfg.markov_dir else None)
-    for d, name, cmd in ((th, "trajectories.csv", ["theory", "--quick"]),
-                         (mk, "curves.csv", ["markov", "--preset", "divergence", "--quick"])):
-        if d is not None and not (d / name).is_file():
-            st = Stage(f"npo-sim {cmd[0]}", "side", -1, d,
-                       (sys.executable, "-m", "npo_sim.cli", *cmd, "--out", str(d), "--figures", ""), done=False)
-            _run_stage(st, _stage_log(out, st.name))
-    return (th / "trajectories.csv" if th else None), (mk / "curves.csv" if mk else None)
-
 
 # --------------------------------------------------------------------------------------------------
 # the report
@@ -120,7 +109,7 @@ def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets
                      f"{t.get('forget_rouge', float('nan')):.3f} |")
     sel = settings.get("select", "last")
     lines += ["", f"Model selection, declared before the run: `--select {sel}`, "
-              f"{settings.get('select_rule', SELECTIONS[sel])}. The tofu-mini holdout (non-members of the MIAs) is "
+              f"{settings['select_rule']}. The tofu-mini holdout (non-members of the MIAs) is "
               "full.json authors 170-179; the oracle of each split judges fluency."]
     tuning = settings.get("tuning")
     if tuning and selection_md:
@@ -169,14 +158,15 @@ def _copy_to_figures(report_dir: Path, dest: Path) -> None:
             write_bytes(dest / name, data)
 
 
-def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: Path, t_all: float) -> pd.DataFrame:
+def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: Path, t_all: float,
+           side: tuple[Path | None, Path | None] = (None, None)) -> pd.DataFrame:
     """The report of the finished runs (with report_only, whatever has finished so far), the side-by-side
     figure, results.md and timings; copied into ``cfg.figures`` when set. Returns the best-FQ table."""
     from npo_sim.plots.side_by_side import plot_side_by_side
 
     out = Path(cfg.out)
     t0 = time.time()
-    th, mk = _side_inputs(cfg, out)
+    th, mk = side  # the logistic-lab trajectories and Markov curves (study._side_inputs)
     report_dir = out / "report"
     unlearn = [st for st in stages if st.kind == "unlearn"]
     done = {str(st.out) for st in unlearn if (st.out / "run.json").is_file() and (st.out / "eval_curve.csv").is_file()}
