@@ -1,7 +1,8 @@
 """The tofu-mini study's report (:func:`report`): the tables and figures of its finished runs, the
 selection and law tables, ``results.md``, and the copy into ``figures/tofu_<preset>/``.
 
-Called by :func:`full_scale.study.run_study` after the stages; ``npo-tofu study --report-only`` runs it
+Called by :func:`full_scale.study.run_study` after the stages, with its ``StudyConfig`` and ``Stage`` list
+(duck-typed here, so this module imports nothing from the study); ``npo-tofu study --report-only`` runs it
 alone on whatever has finished.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -26,9 +26,6 @@ from .report import (
     seeds_markdown,
     table_markdown,
 )
-
-if TYPE_CHECKING:
-    from .study import Stage, StudyConfig
 
 #: a hand-written section of figures/<study>/results.md that a re-run keeps
 NOTES_HEADING = "## Reading these results"
@@ -68,7 +65,7 @@ def best_fq_ci_markdown(seed_table: pd.DataFrame, targets: dict, mu_fraction: fl
                                f"over {n_seeds} seeds; methods that keep MU first, by mean FQ.\n")
 
 
-def _law_report(cfg: StudyConfig, stages: list[Stage], report_dir: Path) -> list[dict]:
+def _law_report(cfg, stages: list, report_dir: Path) -> list[dict]:
     """law.csv, law.md, law_curves.csv and law_curves.png from the law runs (none: nothing written)."""
     from .laws import law_markdown, law_table, load_law_runs, plot_laws
     from .report import LM_COLUMNS
@@ -158,7 +155,7 @@ def _copy_to_figures(report_dir: Path, dest: Path) -> None:
             write_bytes(dest / name, data)
 
 
-def report(cfg: StudyConfig, stages: list[Stage], timings: dict, timings_path: Path, t_all: float,
+def report(cfg, stages: list, timings: dict, timings_path: Path, t_all: float,
            side: tuple[Path | None, Path | None] = (None, None)) -> pd.DataFrame:
     """The report of the finished runs (with report_only, whatever has finished so far), the side-by-side
     figure, results.md and timings; copied into ``cfg.figures`` when set. Returns the best-FQ table."""
