@@ -245,6 +245,7 @@ class Stage:
     resume: bool = False   #: a started run directory (resumed with --resume)
     threads: int | None = None
     seed: int | None = None  #: unlearning seed (unlearn stages)
+    point: tuple = ()        #: a tuning run's grid point (method, lr, β or None for the registry's)
 
 
 def _flags(pairs) -> list[str]:
@@ -318,7 +319,7 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
                                     done=(e / "summary.json").is_file(), threads=cfg.threads))
 
     def unlearn(name, kind, group, d_parent, slug, f, r, m, q, extra, seed, eval_every=True, base=ul,
-                eval_last=False) -> None:
+                eval_last=False, point=()) -> None:
         evals = ("--eval-every-epoch", *(["--eval-epochs", "last"] if eval_last else []),
                  "--eval-batch-size", str(cfg.eval_batch_size), "--eval-max-new-tokens",
                  str(cfg.eval_max_new_tokens), "--eval-ds-size", str(cfg.eval_ds_size),
@@ -330,7 +331,7 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
         d = d_parent / f"{slug}-{stage_key(args, out)}"
         stages.append(Stage(name, kind, group, d, (*launcher, *tofu, *args, "--out", str(d)),
                             done=(d / "run.json").is_file(), resume=(d / "config.json").is_file(),
-                            threads=cfg.threads, seed=seed))
+                            threads=cfg.threads, seed=seed, point=point))
 
     retain = dict(zip(cfg.forget, cfg.retain))
     if tuned:
@@ -341,7 +342,7 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
                     extra = ["--epochs", str(cfg.epochs), "--lr", f"{lr:g}", *_flags((("--beta", beta),))]
                     tag = f"lr {lr:g}" + (f" beta {beta:g}" if beta is not None else "")
                     unlearn(f"tune {f} {m} {tag}", "tune", 3, out / "tune" / f, f"{m}-{tag.replace(' ', '')}",
-                            f, retain[f], m, "val", extra, cfg.seed)
+                            f, retain[f], m, "val", extra, cfg.seed, point=(m, lr, beta))
     if cfg.law_lr:
         f = cfg.tuned_on
         law = ["--optimizer", "sgd", "--lr-schedule", "constant", "--warmup-epochs", "0", "--weight-decay", "0",
@@ -375,14 +376,6 @@ def plan(cfg: StudyConfig, selection: dict | None = None) -> list[Stage]:
 GRID_COLUMNS = ("method", "lr", "beta", "epoch", "val_fq", "val_mu", "val_forget_rouge", "mu_floor", "kept_mu")
 
 
-def _tune_point(st: Stage) -> tuple[str, float, float | None]:
-    cmd = list(st.cmd)
-    method = cmd[cmd.index("--method") + 1]
-    lr = float(cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1])
-    beta = float(cmd[cmd.index("--beta") + 1]) if "--beta" in cmd else None
-    return method, lr, beta
-
-
 def select_configs(cfg: StudyConfig, stages: list[Stage]) -> tuple[dict, pd.DataFrame]:
     """The declared selection (:data:`SELECTIONS` ``val``) from the finished tuning runs: method -> its
     ``{lr, beta, epochs, val_fq, val_mu, kept_mu}``, and the whole grid (:data:`GRID_COLUMNS`). A method
@@ -394,8 +387,8 @@ def select_configs(cfg: StudyConfig, stages: list[Stage]) -> tuple[dict, pd.Data
     for st in stages:
         if st.kind != "tune" or not (st.out / "eval_curve.csv").is_file() or not (st.out / "run.json").is_file():
             continue
-        method, lr, beta = _tune_point(st)
-        beta = beta if beta is not None else float(OBJECTIVES[method].beta)
+        method, lr, beta = st.point
+        beta = float(beta) if beta is not None else float(OBJECTIVES[method].beta)
         for e in pd.read_csv(st.out / "eval_curve.csv").itertuples():
             rows.append({"method": method, "lr": lr, "beta": beta, "epoch": int(e.epoch),
                          "val_fq": float(e.forget_quality), "val_mu": float(e.model_utility),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from npo_sim.losses import label
+from npo_sim.losses import OBJECTIVES, label
 from npo_sim.runio import write_bytes, write_csv, write_json, write_text
 
 from .report import (
@@ -34,8 +34,6 @@ REPORT_FILES = ("fq_mu_trajectories.png", "best_fq.csv", "best_fq.md", "eval_cur
                 "last_epoch.csv", "last_epoch.md", "seeds.csv", "seeds.md", "summary.json", "side_by_side.png",
                 "results.md", "timings.json", "best_fq_ci.md", "grid.csv", "selection.csv", "selection.md", "law.csv",
                 "law.md", "law_curves.csv", "law_curves.png")
-#: the divergence law Theorem 2 predicts for the side-by-side fits (a claim about these two methods)
-LAW = {"ga": "linear", "npo": "log"}
 
 # --------------------------------------------------------------------------------------------------
 # the report
@@ -135,7 +133,7 @@ def results_markdown(settings: dict, timings: dict, table: pd.DataFrame, targets
     for setting, per in side_fits.items():
         for m, f in per.items():
             if "dist" in f:
-                lines.append(f"- {setting}, {label(m)}: ‖θ_t−θ_0‖ {LAW.get(m, 'log')} fit "
+                lines.append(f"- {setting}, {label(m)}: ‖θ_t−θ_0‖ {OBJECTIVES[m].law} fit "
                              f"slope {f['dist']['slope']:.3g}, R² {f['dist']['r2']:.3f}")
     if settings.get("unfinished_runs"):
         lines += ["", f"**Not finished, not in the table:** {', '.join(settings['unfinished_runs'])}."]
